@@ -1,0 +1,20 @@
+"""subtune: fine-tune LLaMA-family models by training a small, well-chosen part of them."""
+
+__version__ = "0.1.0"
+
+from subtune.core.api import (  # noqa: E402
+    export_lora, load, merge, prepare, read_adapter_config, save, trainable_summary, unload, unmerge,
+)
+from subtune.core.config import ConfigError, MethodConfig  # noqa: E402
+from subtune.core.errors import AdapterLoadError, DataError, ExportError, ModelLayoutError, SubtuneError  # noqa: E402
+from subtune.core.method import Method, Selection, available_methods, config_from_dict, get_method, register_method  # noqa: E402
+from subtune.methods.full import FullConfig  # noqa: E402
+from subtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
+from subtune.methods.s2ft import S2FTConfig  # noqa: E402
+
+__all__ = [
+    "__version__", "prepare", "save", "load", "merge", "unmerge", "unload", "export_lora", "trainable_summary",
+    "read_adapter_config", "MethodConfig", "FullConfig", "LoraConfig", "DoraConfig", "S2FTConfig", "Method", "Selection",
+    "register_method", "get_method", "available_methods", "config_from_dict", "ConfigError", "SubtuneError",
+    "AdapterLoadError", "DataError", "ExportError", "ModelLayoutError",
+]

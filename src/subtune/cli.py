@@ -1,0 +1,188 @@
+"""`subtune train | eval | demo | export | methods` — a thin layer over the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+EXTRA = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--r', '8', '--lora_alpha=16'] -> {'r': '8', 'lora_alpha': '16'} (values are typed by the config)."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise click.UsageError(f"unexpected argument {arg!r}; method options are given as --key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _fail_cleanly(fn):
+    """Show subtune's own errors as one clear line instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from subtune.core.config import ConfigError
+        from subtune.core.errors import SubtuneError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SubtuneError, ConfigError, FileNotFoundError, KeyError) as e:
+            raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) else e)) from None
+
+    return wrapper
+
+
+@click.group(help="Fine-tune LLaMA-family models by training a small, well-chosen part of them.")
+@click.version_option(package_name="subtune")
+def main() -> None:
+    pass
+
+
+@main.command()
+def methods() -> None:
+    """List the available methods and their papers."""
+    from subtune.core.method import available_methods, get_method
+
+    for mid in available_methods():
+        click.echo(f"{mid:10s} {get_method(mid).paper}")
+
+
+@main.command(context_settings=EXTRA)
+@click.option("--method", required=True, help="method id (see `subtune methods`)")
+@click.option("--model", "model_name", default="default", show_default=True, help="'default' or a local HF directory")
+@click.option("--data", default="arithmetic", show_default=True, help="embedded task name or a .json/.jsonl file")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML/JSON with method and train keys")
+@click.option("--output", default=None, help="run directory [runs/<method>]")
+@click.option("--max-steps", type=int, default=-1, show_default=True, help="-1: run --epochs")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--lr", type=float, default=None, help="learning rate [2e-4; full: 2e-5]")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="base weights dtype (trainable values stay fp32)")
+@click.option("--max-length", type=int, default=256, show_default=True)
+@click.option("--save-steps", type=int, default=500, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--resume", is_flag=True, help="resume from the last checkpoint in --output")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+@_fail_cleanly
+def train(ctx, method, model_name, data, config_file, output, max_steps, epochs, lr, batch_size, grad_accum, dtype,
+          max_length, save_steps, gradient_checkpointing, resume, seed) -> None:
+    """Fine-tune with the HF Trainer; extra `--key value` options set method config fields (e.g. --r 8)."""
+    from subtune.core.api import trainable_summary
+    from subtune.data.loaders import load_records
+    from subtune.recipes import finetune, make_config, read_config_file
+    from subtune.zoo import load_model
+
+    overrides = parse_overrides(ctx.args)
+    config = make_config(method, read_config_file(config_file), overrides)  # validate before any work
+    records = load_records(data, "train")
+    output = Path(output or f"runs/{method}")
+    if resume and not any(output.glob("checkpoint-*")):
+        raise click.ClickException(f"--resume: no checkpoint-* directory in {output}")
+    model, tokenizer = load_model(model_name, dtype)
+    click.echo(f"method {method}: {config.to_json()}")
+    lr = lr if lr is not None else (2e-5 if method == "full" else 2e-4)
+    model, _ = finetune(model, tokenizer, config, records, output, resume=resume, max_steps=max_steps, epochs=epochs,
+                        learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum, bf16=dtype == "bf16",
+                        seed=seed, max_length=max_length, save_steps=save_steps,
+                        gradient_checkpointing=gradient_checkpointing)
+    click.echo(str(trainable_summary(model)))
+    click.echo(f"adapter saved to {output / 'adapter'}")
+
+
+@main.command(name="eval")
+@click.option("--adapter", type=click.Path(file_okay=False), default=None, help="adapter dir (none: the base model)")
+@click.option("--model", "model_name", default=None, help="base model ['default', or the adapter's base]")
+@click.option("--task", default="arithmetic", show_default=True, help="embedded task or a .json/.jsonl test file")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="evaluate the first N records only")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None, help="write per-example JSON here")
+@_fail_cleanly
+def eval_cmd(adapter, model_name, task, split, limit, batch_size, max_new_tokens, predictions) -> None:
+    """Accuracy (generation + LLM-Adapters answer extraction) and perplexity of the reference answers."""
+    from subtune.core import api
+    from subtune.data.loaders import load_records
+    from subtune.eval.evaluate import evaluate
+    from subtune.zoo import load_model
+
+    records = load_records(task, split, need_answer=True)[:limit]
+    if model_name is None:
+        model_name = api.read_adapter_config(adapter).get("base_model_name_or_path") if adapter else "default"
+    model, tokenizer = load_model(model_name or "default")
+    if adapter:
+        api.load(model, adapter)
+    result = evaluate(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    click.echo(json.dumps({"task": task, "split": split, "adapter": adapter, "accuracy": round(result.accuracy, 4),
+                           "correct": result.correct, "total": result.total,
+                           "perplexity": round(result.perplexity, 4)}, indent=2))
+    if predictions:
+        Path(predictions).write_text(json.dumps(result.predictions, indent=1))
+
+
+@main.command()
+@click.option("--task", default="arithmetic", show_default=True)
+@click.option("--methods", "method_list", default=None, help="comma-separated [all demo methods]")
+@click.option("--steps", type=int, default=120, show_default=True)
+@click.option("--limit", type=int, default=None, help="test records to evaluate [all]")
+@click.option("--output", default="runs/demo", show_default=True)
+@_fail_cleanly
+def demo(task, method_list, steps, limit, output) -> None:
+    """Fine-tune the embedded default model with each method and print accuracy before/after."""
+    from subtune.recipes import format_demo_table, run_demo
+
+    methods_ = [m.strip() for m in method_list.split(",")] if method_list else None
+    _, rows = run_demo(task, methods_, steps=steps, limit=limit, output_dir=output)
+    click.echo(format_demo_table(task, rows))
+
+
+@main.command()
+@click.option("--adapter", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["lora", "merged"]), default="lora", show_default=True)
+@click.option("--model", "model_name", default=None, help="base model ['default', or the adapter's base]")
+@click.option("--max-rank", type=int, default=512, show_default=True, help="refuse LoRA ranks above this (vLLM: 512)")
+@_fail_cleanly
+def export(adapter, out, fmt, model_name, max_rank) -> None:
+    """Export an adapter as an exact PEFT LoRA adapter, or as a merged HF model."""
+    from subtune.core import api
+    from subtune.zoo import load_model
+
+    model_name = model_name or api.read_adapter_config(adapter).get("base_model_name_or_path") or "default"
+    model, tokenizer = load_model(model_name)
+    api.load(model, adapter)
+    if fmt == "lora":
+        click.echo(json.dumps(api.export_lora(model, out, max_rank=max_rank), indent=2))
+    else:
+        api.unload(model)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        click.echo(f"merged model written to {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The method protocol and registry. The core calls these doors and never names a method.
+
+A method is a plug with four doors:
+  select  - decide what to train (may use calibration batches); returns plain data (index tensors + JSON)
+  attach  - swap chosen modules for method layers in place and freeze everything else
+  hooks   - Trainer callbacks for what training needs beyond backward/step
+  export  - state_dict / load_state_dict / merge / unmerge / export_lora
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from abc import ABC, abstractmethod
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from subtune.core.config import MethodConfig
+
+
+class Selection:
+    """What a method chose to train: index tensors plus JSON-able facts (e.g. per-layer ranks). Saved with adapters."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None, info: dict[str, Any] | None = None):
+        self.tensors = dict(tensors or {})
+        self.info = dict(info or {})
+
+
+class Method(ABC):
+    """Base class for methods. Override what the method needs; the defaults suit a method with nothing to select."""
+
+    id: str = ""
+    config_class: type[MethodConfig] = MethodConfig
+    paper: str = ""
+    needs_calibration: bool = False
+
+    def select(self, model: nn.Module, config: MethodConfig, calibration: Iterable[dict] | None) -> Selection:
+        return Selection()
+
+    @abstractmethod
+    def attach(self, model: nn.Module, config: MethodConfig, selection: Selection) -> None:
+        """Swap the selected modules for method layers in place; leave only the method's values trainable."""
+
+    def callbacks(self, model: nn.Module, config: MethodConfig) -> list:
+        """HF TrainerCallbacks this method needs during training (none by default)."""
+        return []
+
+    def trainer_class(self):
+        """The Trainer class to train with; a plain transformers.Trainer unless the step itself differs (ZO)."""
+        from transformers import Trainer
+
+        return Trainer
+
+    @abstractmethod
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained values to save (never the frozen base)."""
+
+    @abstractmethod
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put saved values into a model this method was just attached to."""
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold the update into the base weights in place (reversible with unmerge)."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo merge."""
+
+    def unload(self, model: nn.Module) -> None:
+        """Replace method layers by plain modules holding the current (merged) weights."""
+
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+        from subtune.core.errors import ExportError
+
+        raise ExportError(
+            f"method {self.id!r} has no exact LoRA form; use subtune.merge(model) and save the merged model instead")
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if not method.id:
+        raise ValueError("a method needs a non-empty id")
+    if method.id in _REGISTRY and type(_REGISTRY[method.id]) is not type(method):
+        raise ValueError(f"method id {method.id!r} is already registered by {type(_REGISTRY[method.id]).__name__}")
+    _REGISTRY[method.id] = method
+    return method
+
+
+def get_method(method_id: str) -> Method:
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[method_id]
+    except KeyError:
+        raise KeyError(f"unknown method {method_id!r}; available methods: {sorted(_REGISTRY)}") from None
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    if "method" not in data:
+        raise KeyError(f"config has no 'method' key; add one of {available_methods()}")
+    return get_method(data["method"]).config_class.from_dict(data)
+
+
+def _load_builtin_methods() -> None:
+    import subtune.methods  # noqa: F401  (registers the built-in methods on import)

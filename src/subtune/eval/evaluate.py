@@ -1,0 +1,79 @@
+"""Accuracy by greedy generation + answer extraction, and perplexity of the reference responses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from subtune.data.loaders import CausalCollator, encode_prompt, encode_record
+from subtune.eval.extract import extract, is_correct
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    correct: int
+    total: int
+    perplexity: float | None = None
+    predictions: list[dict] = field(default_factory=list, repr=False)
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 24,
+                       progress: bool = True) -> list[str]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    responses = []
+    for start in tqdm(range(0, len(records), batch_size), desc="generate", disable=not progress, leave=False):
+        prompts = [encode_prompt(tokenizer, r) for r in records[start:start + batch_size]]
+        longest = max(map(len, prompts))
+        ids = torch.full((len(prompts), longest), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+            ids[i, longest - len(p):] = torch.tensor(p)
+            mask[i, longest - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        responses += tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    model.train(was_training)
+    return responses
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
+    """exp(mean token loss) of the reference responses given their prompts."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    collate = CausalCollator(tokenizer.pad_token_id)
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        batch = collate([encode_record(tokenizer, r) for r in records[start:start + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="sum")
+        total_loss += loss.item()
+        total_tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return math.exp(total_loss / max(total_tokens, 1))
+
+
+def evaluate(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 24,
+             with_perplexity: bool = True, progress: bool = True) -> EvalResult:
+    responses = generate_responses(model, tokenizer, records, batch_size, max_new_tokens, progress)
+    predictions = []
+    for record, response in zip(records, responses):
+        pred = extract(response, record)
+        predictions.append({"response": response, "pred": pred, "answer": record["answer"],
+                            "flag": is_correct(pred, record)})
+    correct = sum(p["flag"] for p in predictions)
+    ppl = perplexity(model, tokenizer, records, batch_size) if with_perplexity else None
+    return EvalResult(accuracy=correct / max(len(records), 1), correct=correct, total=len(records), perplexity=ppl,
+                      predictions=predictions)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from subtune.core import io
+from subtune.core.config import ConfigError, MethodConfig
+from subtune.core.errors import AdapterLoadError, ExportError
+from subtune.core.method import Method, Selection, register_method
+from subtune.core.peft_format import PEFT_PREFIX
+from subtune.core.surgery import find_targets, replace_module
+
+ADAPTER = "default"
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    """PEFT LoRA. Defaults follow the LLM-Adapters/DoRA setup (q, k, v, up, down)."""
+
+    method = "lora"
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r < 1:
+            raise ConfigError(f"{self.method}: r must be >= 1, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{self.method}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def to_peft(self) -> peft.LoraConfig:
+        return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                               target_modules=list(self.target_modules), use_dora=self.method == "dora",
+                               bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """PEFT DoRA (LoRA with a learned magnitude vector)."""
+
+    method = "dora"
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class PeftLoraMethod(Method):
+    config_class = LoraConfig
+
+    def __init__(self, method_id: str, config_class: type[LoraConfig], paper: str):
+        self.id, self.config_class, self.paper = method_id, config_class, paper
+
+    def attach(self, model: nn.Module, config: LoraConfig, selection: Selection) -> None:
+        find_targets(model, config.target_modules)  # our clear error before PEFT's
+        peft.inject_adapter_in_model(config.to_peft(), model, adapter_name=ADAPTER)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return peft.get_peft_model_state_dict(model, adapter_name=ADAPTER)
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        result = peft.set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise AdapterLoadError(f"{self.id} tensors do not fit: missing {missing[:5]}, "
+                                   f"unexpected {result.unexpected_keys[:5]}")
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in _lora_layers(model).values():
+            layer.merge(adapter_names=[ADAPTER])
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in _lora_layers(model).values():
+            layer.unmerge()
+
+    def unload(self, model: nn.Module) -> None:
+        for name, layer in _lora_layers(model).items():
+            replace_module(model, name, layer.get_base_layer())
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+        state = model.subtune_state
+        config: LoraConfig = state.config
+        if config.r > max_rank:
+            raise ExportError(f"LoRA rank {config.r} exceeds max_rank={max_rank}")
+        tensors = {PEFT_PREFIX + k: v for k, v in self.state_dict(model).items()}
+        peft_cfg = config.to_peft()
+        peft_cfg.base_model_name_or_path = state.base_name or None
+        peft_cfg.inference_mode = True
+        directory.mkdir(parents=True, exist_ok=True)
+        io.atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        io.atomic_write_json(directory / "adapter_config.json", json.loads(json.dumps(peft_cfg.to_dict(), default=list)))
+        return {"modules": len(_lora_layers(model)), "max_rank": config.r, "directory": str(directory)}
+
+
+register_method(PeftLoraMethod("lora", LoraConfig, "LoRA (Hu et al., 2021, arXiv 2106.09685)"))
+register_method(PeftLoraMethod("dora", DoraConfig, "DoRA (Liu et al., 2024, arXiv 2402.09353)"))

@@ -1,0 +1,110 @@
+"""End-to-end recipes the CLI calls: build a config, fine-tune, evaluate, the demo table.
+
+Kept out of cli.py so they can be used (and tested) from Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from subtune.core import api
+from subtune.core.config import ConfigError, MethodConfig
+from subtune.core.method import get_method
+from subtune.data.loaders import calibration_batches, load_records
+from subtune.eval.evaluate import EvalResult, evaluate
+from subtune.train.trainer import build_trainer
+
+# Demo settings per method: the learning rate suits the method (full FT needs a far smaller one than adapters).
+DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "full": {"lr": 1e-4},
+    "lora": {"lr": 2e-3},
+    "dora": {"lr": 2e-3},
+}
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def make_config(method_id: str, file_values: dict[str, Any] | None = None,
+                overrides: dict[str, Any] | None = None) -> MethodConfig:
+    """Method defaults, then the file's values, then CLI overrides (strings are parsed to each field's type)."""
+    method = get_method(method_id)
+    merged = {**(file_values or {}), **(overrides or {})}
+    merged.pop("method", None)
+    return method.config_class.from_dict({"method": method_id, **merged})
+
+
+def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], output_dir: str | Path,
+             resume: bool | str = False, **train_kwargs):
+    """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer)."""
+    calibration = None
+    if get_method(config.method).needs_calibration:
+        calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16))
+    api.prepare(model, config, calibration=calibration)
+    trainer = build_trainer(model, tokenizer, train_records, output_dir, **train_kwargs)
+    trainer.train(resume_from_checkpoint=resume or None)
+    api.save(model, Path(output_dir) / "adapter")
+    return model, trainer
+
+
+@dataclass
+class DemoRow:
+    method: str
+    trainable: int
+    percent: float
+    before: float
+    after: float
+    perplexity: float
+    seconds: float
+
+
+def run_demo(task: str = "arithmetic", methods: list[str] | None = None, steps: int = 120, batch_size: int = 16,
+             limit: int | None = None, output_dir: str | Path = "runs/demo", progress: bool = True,
+             model_name: str = "default") -> tuple[EvalResult, list[DemoRow]]:
+    """Zero-shot accuracy of the embedded model, then each method fine-tuned for `steps` and evaluated."""
+    from subtune.zoo import load_model
+
+    methods = methods or list(DEMO_METHODS)
+    train = load_records(task, "train")
+    test = load_records(task, "test", need_answer=True)[:limit]
+    base, tokenizer = load_model(model_name)
+    before = evaluate(base, tokenizer, test, with_perplexity=False, progress=progress)
+    rows = []
+    for method_id in methods:
+        settings = DEMO_METHODS.get(method_id, {"lr": 1e-3})
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        finetune(model, tokenizer, make_config(method_id, settings.get("config")), train,
+                 Path(output_dir) / method_id, max_steps=steps, learning_rate=settings["lr"], batch_size=batch_size,
+                 logging_steps=max(steps // 4, 1), save_steps=10**9, progress=progress)
+        seconds = time.perf_counter() - start
+        after = evaluate(model, tokenizer, test, progress=progress)
+        summary = api.trainable_summary(model)
+        rows.append(DemoRow(method_id, summary.trainable, summary.percent, before.accuracy, after.accuracy,
+                            after.perplexity or float("nan"), seconds))
+    return before, rows
+
+
+def format_demo_table(task: str, rows: list[DemoRow]) -> str:
+    lines = [f"task: {task}",
+             "| method | trainable | % of base | accuracy before | accuracy after | test ppl | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.trainable:,} | {r.percent:.2f} | {100 * r.before:.1f}% | "
+                     f"{100 * r.after:.1f}% | {r.perplexity:.2f} | {r.seconds:.0f} |")
+    return "\n".join(lines)
