@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from subtune.core.errors import AdapterLoadError
+from subtune.core.method import Method, Selection, register_method
+from subtune.core.peft_format import write_lora_factors
+from subtune.core.surgery import decoder_layers, replace_module
+from subtune.methods.s2ft.config import S2FTConfig
+from subtune.methods.s2ft.select import components, is_gqa, select_units
+from subtune.ops.sliced import INPUT_COLUMNS, SlicedDeltaLinear
+
+
+def _expand(units: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """Unit ids -> weight column/row indices (a head of size dh covers dh consecutive columns)."""
+    return (units[:, None] * unit_size + torch.arange(unit_size)).flatten()
+
+
+def _sliced_layers(model: nn.Module) -> dict[str, SlicedDeltaLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SlicedDeltaLinear)}
+
+
+class S2FTMethod(Method):
+    id = "s2ft"
+    config_class = S2FTConfig
+    paper = "S²FT (Yang et al., NeurIPS 2024, arXiv 2412.06289)"
+    needs_calibration = False  # only the activation/gradient strategies read data
+
+    def select(self, model, config: S2FTConfig, calibration) -> Selection:
+        chosen = select_units(model, config, calibration)
+        tensors, info = {}, {"units": {}}
+        for comp_name, per_layer in chosen.items():
+            for layer_idx, units in enumerate(per_layer):
+                if units:  # a layer with no selected unit keeps its plain Linear (no zero-width parameters)
+                    tensors[f"layers.{layer_idx}.{comp_name}"] = torch.tensor(units, dtype=torch.long)
+            info["units"][comp_name] = sum(len(u) for u in per_layer)
+        info["ratios"] = config.resolved_ratios(is_gqa(model))
+        return Selection(tensors, info)
+
+    def _targets(self, model, selection: Selection):
+        """(module path, component, unit ids) for every module with selected units, gate following up if asked."""
+        comps = components(model)
+        layers = decoder_layers(model)
+        prefix = next(n for n, m in model.named_modules() if m is layers)
+        for key, units in selection.tensors.items():
+            _, layer_idx, comp_name = key.split(".")
+            comp = comps[comp_name]
+            yield f"{prefix}.{layer_idx}.{comp.module}", comp, units
+
+    def attach(self, model: nn.Module, config: S2FTConfig, selection: Selection) -> None:
+        comps = components(model)
+        for path, comp, units in list(self._targets(model, selection)):
+            paths = [path]
+            if comp.module == comps["up_proj"].module and config.train_gate_with_up:
+                paths.append(path.replace("up_proj", "gate_proj"))
+            for p in paths:
+                base = model.get_submodule(p)
+                if not isinstance(base, nn.Linear):
+                    raise AdapterLoadError(f"s2ft: {p} is {type(base).__name__}, expected nn.Linear")
+                replace_module(model, p, SlicedDeltaLinear(base, _expand(units, comp.unit_size), comp.kind))
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"{name}.delta": layer.delta for name, layer in _sliced_layers(model).items()}
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        layers = _sliced_layers(model)
+        expected = {f"{n}.delta" for n in layers}
+        if set(tensors) != expected:
+            raise AdapterLoadError(f"s2ft tensors do not match the selection: missing "
+                                   f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.delta.copy_(tensors[f"{name}.delta"])
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in _sliced_layers(model).values():
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in _sliced_layers(model).values():
+            layer.unmerge()
+
+    def unload(self, model: nn.Module) -> None:
+        for name, layer in _sliced_layers(model).items():
+            layer.merge()
+            replace_module(model, name, layer.base_layer)
+
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+        """Exact one-hot LoRA (spec §7): rank = selected columns/rows, lora_alpha = rank, so scale is 1."""
+        factors = {}
+        for name, layer in _sliced_layers(model).items():
+            delta = layer.delta.detach().float()
+            r = layer.index.numel()
+            one_hot = torch.zeros(r, layer.in_features if layer.kind == INPUT_COLUMNS else layer.out_features)
+            one_hot[torch.arange(r), layer.index.cpu()] = 1.0
+            factors[name] = (one_hot, delta) if layer.kind == INPUT_COLUMNS else (delta, one_hot.t().contiguous())
+        return write_lora_factors(directory, factors, base_name=model.subtune_state.base_name, max_rank=max_rank)
+
+
+register_method(S2FTMethod())

@@ -1,0 +1,192 @@
+"""S²FT policy: which heads/channels to train. Units are whole heads (O: query heads, V: KV heads) or FFN channels.
+
+Index-based selection (spec B5): nothing is permuted, so GQA, explicit head_dim and q/k/v biases need no special
+care, and saved indices line up with the base model.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from subtune.core.surgery import decoder_layers, freeze, head_dim
+from subtune.methods.s2ft.config import S2FTConfig
+from subtune.ops.sliced import INPUT_COLUMNS, OUTPUT_ROWS
+
+
+@dataclass(frozen=True)
+class Component:
+    module: str  # attribute path inside a decoder layer
+    kind: str  # INPUT_COLUMNS or OUTPUT_ROWS
+    units: int  # candidate units per layer
+    unit_size: int  # weight columns/rows per unit
+
+
+def components(model: nn.Module) -> dict[str, Component]:
+    cfg = model.config
+    dh = head_dim(cfg)
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    k = cfg.intermediate_size
+    return {
+        "o_proj": Component("self_attn.o_proj", INPUT_COLUMNS, cfg.num_attention_heads, dh),
+        "v_proj": Component("self_attn.v_proj", OUTPUT_ROWS, n_kv, dh),  # V rows only by whole KV heads
+        "down_proj": Component("mlp.down_proj", INPUT_COLUMNS, k, 1),
+        "up_proj": Component("mlp.up_proj", OUTPUT_ROWS, k, 1),
+    }
+
+
+def is_gqa(model: nn.Module) -> bool:
+    cfg = model.config
+    return (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) < cfg.num_attention_heads
+
+
+def unit_count(total_units: int, ratio: float, name: str) -> int:
+    n = int(total_units * ratio)
+    if ratio > 0 and n == 0:
+        warnings.warn(f"s2ft: {name} ratio {ratio} selects 0 of {total_units} units; training 1 instead",
+                      stacklevel=3)
+        n = 1
+    return n
+
+
+def _per_layer_counts(n: int, layers: int, rng: random.Random) -> list[int]:
+    counts = [n // layers] * layers
+    for i in rng.sample(range(layers), n % layers):
+        counts[i] += 1
+    return counts
+
+
+def choose_units(n: int, layers: int, units: int, allocation: str, rng: random.Random,
+                 scores: torch.Tensor | None, largest: bool) -> list[list[int]]:
+    """Per layer, the sorted unit ids to train: random or by score, globally or uniformly over layers."""
+    chosen: list[list[int]] = [[] for _ in range(layers)]
+    if allocation == "global":
+        if scores is None:  # the official S²FT-R: uniform sampling over all (layer, unit) pairs
+            flat = rng.sample(range(layers * units), n)
+        else:
+            flat = torch.topk(scores.flatten(), n, largest=largest).indices.tolist()
+        for f in flat:
+            chosen[f // units].append(f % units)
+    else:
+        for layer, count in enumerate(_per_layer_counts(n, layers, rng)):
+            if scores is None:
+                chosen[layer] = rng.sample(range(units), count)
+            else:
+                chosen[layer] = torch.topk(scores[layer], count, largest=largest).indices.tolist()
+    return [sorted(c) for c in chosen]
+
+
+def _unit_norms(per_index_sq: torch.Tensor, unit_size: int) -> torch.Tensor:
+    """Sum of squares per weight column/row -> L2 norm per unit."""
+    return per_index_sq.view(-1, unit_size).sum(-1).sqrt()
+
+
+def weight_scores(model: nn.Module, comp: Component) -> torch.Tensor:
+    rows = []
+    for layer in decoder_layers(model):
+        w = layer.get_submodule(comp.module).weight.detach().float()
+        sq = (w * w).sum(0) if comp.kind == INPUT_COLUMNS else (w * w).sum(1)
+        rows.append(_unit_norms(sq, comp.unit_size))
+    return torch.stack(rows)
+
+
+def _calibration_passes(model: nn.Module, calibration: Iterable[dict], limit: int, backward: bool) -> None:
+    device = next(model.parameters()).device
+    for i, batch in enumerate(calibration):
+        if i >= limit:
+            break
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if backward:
+            model(**batch).loss.backward()
+        else:
+            with torch.no_grad():
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+
+
+def activation_scores(model: nn.Module, comps: dict[str, Component], calibration, limit: int) -> dict[str, torch.Tensor]:
+    """‖A‖₂ per unit: the trained matrix's input for column slices, its output for row slices."""
+    layers = decoder_layers(model)
+    sums = {name: torch.zeros(len(layers), c.units * c.unit_size) for name, c in comps.items()}
+    handles = []
+    for name, comp in comps.items():
+        for li, layer in enumerate(layers):
+            def hook(module, inputs, output, name=name, li=li, comp=comp):
+                act = inputs[0] if comp.kind == INPUT_COLUMNS else output
+                sums[name][li] += act.detach().float().pow(2).reshape(-1, act.shape[-1]).sum(0).cpu()
+            handles.append(layer.get_submodule(comp.module).register_forward_hook(hook))
+    try:
+        _calibration_passes(model, calibration, limit, backward=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.stack([_unit_norms(row, comps[name].unit_size) for row in s]) for name, s in sums.items()}
+
+
+def gradient_scores(model: nn.Module, comps: dict[str, Component], calibration, limit: int) -> dict[str, torch.Tensor]:
+    """‖∂L/∂W‖ per unit; each weight's gradient is folded into per-unit sums and dropped as soon as it exists."""
+    layers = decoder_layers(model)
+    freeze(model)  # gradients for the candidate weights only, never the whole model
+    sums = {name: torch.zeros(len(layers), c.units * c.unit_size) for name, c in comps.items()}
+    weights, handles = [], []
+    for name, comp in comps.items():
+        for li, layer in enumerate(layers):
+            w = layer.get_submodule(comp.module).weight
+            w.requires_grad_(True)
+            weights.append(w)
+
+            def hook(param, name=name, li=li, comp=comp):
+                g = param.grad.detach().float()
+                sums[name][li] += ((g * g).sum(0) if comp.kind == INPUT_COLUMNS else (g * g).sum(1)).cpu()
+                param.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(hook))
+    try:
+        _calibration_passes(model, calibration, limit, backward=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for w in weights:
+            w.requires_grad_(False)
+            w.grad = None
+    return {name: torch.stack([_unit_norms(row, comps[name].unit_size) for row in s]) for name, s in sums.items()}
+
+
+def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str, list[list[int]]]:
+    """{component: per-layer sorted unit ids}. Deterministic given the seed; rank 0 decides under torch.distributed."""
+    comps = components(model)
+    ratios = config.resolved_ratios(is_gqa(model))
+    active = {name: comps[name] for name, r in ratios.items() if r > 0}
+    layers = len(decoder_layers(model))
+    scores: dict[str, torch.Tensor] = {}
+    if config.strategy != "random":
+        if calibration is None and config.strategy != "weight":
+            raise ValueError(f"s2ft strategy {config.strategy!r} needs calibration batches")
+        if config.strategy in ("weight", "weight_activation"):
+            scores = {name: weight_scores(model, c) for name, c in active.items()}
+        if config.strategy in ("activation", "weight_activation"):
+            acts = activation_scores(model, active, calibration, config.calibration_batches)
+            scores = {name: acts[name] * scores.get(name, 1.0) for name in active}
+        if config.strategy == "gradient":
+            scores = gradient_scores(model, active, calibration, config.calibration_batches)
+    rng = random.Random(config.seed)
+    selected = {}
+    for name in ("o_proj", "v_proj", "down_proj", "up_proj"):  # fixed order: same draws for the same seed
+        if name not in active:
+            continue
+        comp = active[name]
+        n = unit_count(layers * comp.units, ratios[name], name)
+        selected[name] = choose_units(n, layers, comp.units, config.allocation, rng, scores.get(name),
+                                      largest=config.direction == "large")
+    return _broadcast_from_rank0(selected)
+
+
+def _broadcast_from_rank0(obj):
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj

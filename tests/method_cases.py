@@ -1,0 +1,14 @@
+"""One row per registered method: how to configure it on the tiny test models. A new method joins by adding a row."""
+
+import subtune
+
+CASES = {
+    "full": {"config": lambda: subtune.FullConfig(), "exports_lora": False},
+    "lora": {"config": lambda: subtune.LoraConfig(r=4), "exports_lora": True},
+    "dora": {"config": lambda: subtune.DoraConfig(r=4), "exports_lora": True},
+    "s2ft": {"config": lambda: subtune.S2FTConfig(o_ratio=0.25, v_ratio=0.25, d_ratio=0.1, u_ratio=0.1),
+             "exports_lora": True},
+    "s2ft-gradient": {"config": lambda: subtune.S2FTConfig(o_ratio=0.25, d_ratio=0.1, strategy="gradient",
+                                                           allocation="uniform"), "exports_lora": True},
+}
+
