@@ -161,6 +161,40 @@ def demo(task, method_list, steps, limit, output) -> None:
 
 
 @main.command()
+@click.option("--methods", "method_list", default="full,lora,dora,s2ft", show_default=True,
+              help="comma-separated method ids")
+@click.option("--preset", default="134m", show_default=True, help="tiny|134m|llama2-7b|llama3-8b or a local HF dir")
+@click.option("--batch", type=int, default=4, show_default=True)
+@click.option("--seq", type=int, default=256, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True, help="timed optimizer steps")
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--grad-checkpointing", is_flag=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--budget", type=int, default=None, help="trainable values per method [LoRA r=16's count]")
+@click.option("--out", default="bench-out", show_default=True, help="directory for the table, JSON and PNG")
+@_fail_cleanly
+def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpointing, device, budget, out) -> None:
+    """Time and memory of every method side by side, with the floors (each configuration in a fresh process)."""
+    from subtune.bench import BenchSpec, markdown_table, run_bench, write_outputs
+    from subtune.core.method import get_method
+
+    methods_ = [m.strip() for m in method_list.split(",") if m.strip()]
+    for m in methods_:
+        get_method(m)  # unknown ids fail here, before any run
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException("--device cuda: no CUDA device is visible to torch")
+    report = run_bench(BenchSpec(methods=methods_, preset=preset, batch=batch, seq=seq, dtype=dtype, steps=steps,
+                                 warmup=warmup, grad_checkpointing=grad_checkpointing, device=device, budget=budget))
+    paths = write_outputs(report, Path(out))
+    click.echo(markdown_table(report))
+    click.echo("\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
+
+
+@main.command()
 @click.option("--adapter", required=True, type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["lora", "merged"]), default="lora", show_default=True)

@@ -53,8 +53,10 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
              resume: bool | str = False, **train_kwargs):
     """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer)."""
     calibration = None
-    if get_method(config.method).needs_calibration:
-        calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16))
+    wanted = get_method(config.method).calibration_batches(config)
+    if wanted:  # the first training batches (SMT: its warm-up)
+        calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16),
+                                          num_batches=wanted)
     api.prepare(model, config, calibration=calibration)
     trainer = build_trainer(model, tokenizer, train_records, output_dir, **train_kwargs)
     trainer.train(resume_from_checkpoint=resume or None)

@@ -54,7 +54,7 @@ def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] 
     method = get_method(config.method)
     config.validate()
     decoder_layers(model)
-    if method.needs_calibration and calibration is None:
+    if method.calibration_batches(config) and calibration is None:
         raise SubtuneError(
             f"method {method.id!r} selects what to train from data: pass calibration=<iterable of batches> "
             "(dicts with input_ids, attention_mask, labels)")
@@ -158,13 +158,15 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512) -> dict[str, Any]:
+def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fallback: str = "error"
+                ) -> dict[str, Any]:
     """Write a PEFT LoRA adapter equal to the trained update, where the method's update is exactly low-rank.
 
-    Raises ExportError when a module would need a rank above `max_rank` (vLLM's ceiling is 512).
+    A module needing a rank above `max_rank` (vLLM's ceiling is 512) raises ExportError, or with fallback="svd" is
+    exported as its best rank-`max_rank` approximation (the returned dict reports each relative error).
     """
     state = state_of(model)
-    return state.method.export_lora(model, Path(directory), max_rank)
+    return state.method.export_lora(model, Path(directory), max_rank, fallback)
 
 
 @dataclass

@@ -33,7 +33,10 @@ class Method(ABC):
     id: str = ""
     config_class: type[MethodConfig] = MethodConfig
     paper: str = ""
-    needs_calibration: bool = False
+
+    def calibration_batches(self, config: MethodConfig) -> int:
+        """How many calibration batches `select` reads (0: it needs no data)."""
+        return 0
 
     def select(self, model: nn.Module, config: MethodConfig, calibration: Iterable[dict] | None) -> Selection:
         return Selection()
@@ -41,6 +44,11 @@ class Method(ABC):
     @abstractmethod
     def attach(self, model: nn.Module, config: MethodConfig, selection: Selection) -> None:
         """Swap the selected modules for method layers in place; leave only the method's values trainable."""
+
+    def config_for_budget(self, model_config, trainable: int) -> MethodConfig:
+        """A config that trains about `trainable` values on a model with this HF config (used by the benchmark to
+        compare methods at equal budget). Methods without a budget knob return their defaults."""
+        return self.config_class()
 
     def callbacks(self, model: nn.Module, config: MethodConfig) -> list:
         """HF TrainerCallbacks this method needs during training (none by default)."""
@@ -69,7 +77,7 @@ class Method(ABC):
     def unload(self, model: nn.Module) -> None:
         """Replace method layers by plain modules holding the current (merged) weights."""
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         from subtune.core.errors import ExportError
 
         raise ExportError(

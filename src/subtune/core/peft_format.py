@@ -26,21 +26,42 @@ def lora_config_dict(*, r: int, lora_alpha: float, target_modules: list[str], ba
     }
 
 
+def svd_truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of B·A and the relative Frobenius error of the approximation."""
+    full = b.double() @ a.double()
+    u, s, vh = torch.linalg.svd(full, full_matrices=False)
+    b_new, a_new = u[:, :rank] * s[:rank], vh[:rank]
+    error = float(torch.linalg.norm(full - b_new @ a_new) / torch.linalg.norm(full).clamp_min(1e-30))
+    return a_new.float().contiguous(), b_new.float().contiguous(), error
+
+
 def write_lora_factors(directory: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-                       base_name: str, max_rank: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write factors {module path: (A [r x in], B [out x r])} as an exact PEFT LoRA with scale 1 per module.
+                       base_name: str, max_rank: int, fallback: str = "error",
+                       dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Write factors {module path: (A [r x in], B [out x r])} as a PEFT LoRA with scale 1 per module.
 
     Each module gets `lora_alpha = r` through rank_pattern/alpha_pattern, so W + B @ A is the update as given.
+    A module whose rank exceeds `max_rank` raises ExportError, or with fallback="svd" is replaced by its best
+    rank-`max_rank` approximation; the relative errors are returned under "svd_errors".
     """
     if not factors:
         raise ExportError("nothing to export: no module has a trained update")
+    if fallback not in ("error", "svd"):
+        raise ExportError(f"fallback must be 'error' or 'svd', got {fallback!r}")
     too_big = {name: a.shape[0] for name, (a, _) in factors.items() if a.shape[0] > max_rank}
+    svd_errors = {}
+    if too_big and fallback == "svd":
+        factors = dict(factors)
+        for name in too_big:
+            a, b, svd_errors[name] = svd_truncate(*factors[name], max_rank)
+            factors[name] = (a, b)
+        too_big = {}
     if too_big:
         worst = max(too_big.items(), key=lambda kv: kv[1])
         raise ExportError(
             f"{len(too_big)} module(s) need a LoRA rank above max_rank={max_rank} (largest: {worst[0]} rank "
-            f"{worst[1]}); raise max_rank (vLLM accepts at most 512), train a smaller budget, or export a merged "
-            "model with subtune.merge()")
+            f"{worst[1]}); raise max_rank (vLLM accepts at most 512), train a smaller budget, export a merged "
+            "model with subtune.merge(), or pass fallback='svd' for an approximate export")
     ranks = {name: int(a.shape[0]) for name, (a, _) in factors.items()}
     r = max(ranks.values())
     tensors = {}
@@ -55,4 +76,8 @@ def write_lora_factors(directory: Path, factors: dict[str, tuple[torch.Tensor, t
     directory.mkdir(parents=True, exist_ok=True)
     io.atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     io.atomic_write_json(directory / "adapter_config.json", config)
-    return {"modules": len(factors), "max_rank": r, "ranks": ranks, "directory": str(directory)}
+    info = {"modules": len(factors), "max_rank": r, "ranks": ranks, "directory": str(directory), "exact": not svd_errors}
+    if svd_errors:
+        info["svd_errors"] = svd_errors
+        info["max_svd_error"] = max(svd_errors.values())
+    return info

@@ -82,3 +82,13 @@ def head_dim(config) -> int:
     """Per-head size from the config; explicit `head_dim` wins over hidden/heads (Qwen3, Gemma)."""
     explicit = getattr(config, "head_dim", None)
     return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each LLaMA projection, from the config alone."""
+    dh = head_dim(config)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    h, k = config.hidden_size, config.intermediate_size
+    return {"q_proj": (heads * dh, h), "k_proj": (kv * dh, h), "v_proj": (kv * dh, h), "o_proj": (h, heads * dh),
+            "gate_proj": (k, h), "up_proj": (k, h), "down_proj": (h, k)}

@@ -118,7 +118,8 @@ class CausalCollator:
 
 def calibration_batches(tokenizer, records: list[dict], batch_size: int = 8, num_batches: int = 8,
                         max_length: int = 256) -> list[dict[str, torch.Tensor]]:
-    """A few collated batches for methods that select from data."""
+    """`num_batches` collated batches from the first records (cycling if there are too few), for selection."""
     collate = CausalCollator(tokenizer.pad_token_id)
     encoded = [encode_record(tokenizer, r, max_length) for r in records[: batch_size * num_batches]]
+    encoded = [encoded[i % len(encoded)] for i in range(batch_size * num_batches)]
     return [collate(encoded[i:i + batch_size]) for i in range(0, len(encoded), batch_size)]

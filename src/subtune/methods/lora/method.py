@@ -50,6 +50,14 @@ class DoraConfig(LoraConfig):
     method = "dora"
 
 
+def _lora_params_per_rank(model_config, targets: list[str]) -> int:
+    """LoRA values per unit of rank over all layers: sum of (in + out) of the targeted projections."""
+    from subtune.core.surgery import linear_shapes
+
+    shapes = linear_shapes(model_config)
+    return model_config.num_hidden_layers * sum(sum(shapes[t]) for t in targets)
+
+
 def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
@@ -65,6 +73,13 @@ class PeftLoraMethod(Method):
         peft.inject_adapter_in_model(config.to_peft(), model, adapter_name=ADAPTER)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()  # fp32 masters on a low-precision base (PEFT casts inputs to match)
+
+    def config_for_budget(self, model_config, trainable: int) -> LoraConfig:
+        """The rank whose LoRA on the default targets trains about `trainable` values."""
+        per_rank = _lora_params_per_rank(model_config, self.config_class().target_modules)
+        return self.config_class(r=max(1, round(trainable / per_rank)))
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return peft.get_peft_model_state_dict(model, adapter_name=ADAPTER)
@@ -90,7 +105,7 @@ class PeftLoraMethod(Method):
         if hasattr(model, "peft_config"):
             del model.peft_config
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         state = model.subtune_state
         config: LoraConfig = state.config
         if config.r > max_rank:

@@ -28,7 +28,9 @@ class S2FTMethod(Method):
     id = "s2ft"
     config_class = S2FTConfig
     paper = "S²FT (Yang et al., NeurIPS 2024, arXiv 2412.06289)"
-    needs_calibration = False  # only the activation/gradient strategies read data
+
+    def calibration_batches(self, config: S2FTConfig) -> int:
+        return 0 if config.strategy in ("random", "weight") else config.calibration_batches
 
     def select(self, model, config: S2FTConfig, calibration) -> Selection:
         chosen = select_units(model, config, calibration)
@@ -40,6 +42,22 @@ class S2FTMethod(Method):
             info["units"][comp_name] = sum(len(u) for u in per_layer)
         info["ratios"] = config.resolved_ratios(is_gqa(model))
         return Selection(tensors, info)
+
+    def config_for_budget(self, model_config, trainable: int) -> S2FTConfig:
+        """The paper's split at a given budget: MHA -> half to O heads, half to Down channels; GQA -> Down only."""
+        from subtune.core.surgery import head_dim
+
+        layers, hidden, k = model_config.num_hidden_layers, model_config.hidden_size, model_config.intermediate_size
+        heads = model_config.num_attention_heads
+        gqa = (getattr(model_config, "num_key_value_heads", None) or heads) < heads
+        per_channel, per_head = hidden, head_dim(model_config) * hidden
+        if gqa:
+            return S2FTConfig(o_ratio=0.0, d_ratio=min(1.0, trainable / per_channel / (layers * k)))
+        n_heads = max(1, round(trainable / 2 / per_head))
+        n_channels = max(1, round((trainable - n_heads * per_head) / per_channel))
+        # the small offset keeps int(total * ratio) from rounding a whole unit away
+        return S2FTConfig(o_ratio=min(1.0, (n_heads + 0.5) / (layers * heads)),
+                          d_ratio=min(1.0, (n_channels + 0.5) / (layers * k)))
 
     def _targets(self, model, selection: Selection):
         """(module path, component, unit ids) for every module with selected units, gate following up if asked."""
@@ -89,7 +107,7 @@ class S2FTMethod(Method):
             layer.merge()
             replace_module(model, name, layer.base_layer)
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int) -> dict[str, Any]:
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         """Exact one-hot LoRA (spec §7): rank = selected columns/rows, lora_alpha = rank, so scale is 1."""
         factors = {}
         for name, layer in _sliced_layers(model).items():
@@ -98,7 +116,8 @@ class S2FTMethod(Method):
             one_hot = torch.zeros(r, layer.in_features if layer.kind == INPUT_COLUMNS else layer.out_features)
             one_hot[torch.arange(r), layer.index.cpu()] = 1.0
             factors[name] = (one_hot, delta) if layer.kind == INPUT_COLUMNS else (delta, one_hot.t().contiguous())
-        return write_lora_factors(directory, factors, base_name=model.subtune_state.base_name, max_rank=max_rank)
+        return write_lora_factors(directory, factors, base_name=model.subtune_state.base_name, max_rank=max_rank,
+                                  fallback=fallback)
 
 
 register_method(S2FTMethod())

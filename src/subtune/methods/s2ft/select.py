@@ -14,6 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from subtune.core.distributed import broadcast_from_rank0
 from subtune.core.surgery import decoder_layers, freeze, head_dim
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.ops.sliced import INPUT_COLUMNS, OUTPUT_ROWS
@@ -181,12 +182,4 @@ def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str,
         n = unit_count(layers * comp.units, ratios[name], name)
         selected[name] = choose_units(n, layers, comp.units, config.allocation, rng, scores.get(name),
                                       largest=config.direction == "large")
-    return _broadcast_from_rank0(selected)
-
-
-def _broadcast_from_rank0(obj):
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
+    return broadcast_from_rank0(selected)

@@ -1,0 +1,142 @@
+"""One benchmark configuration, run in a fresh process: `python -m subtune.bench.worker '<json spec>'`.
+
+Prints one JSON line with the measurements. Kinds: a method id, or a floor:
+  floor:inference        forward only, no graph
+  floor:frozen_backward  forward + backward with every weight frozen and the input embeddings requiring grad
+  floor:zo_two_forwards  two inference forwards (what a zeroth-order step must pay)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Memory:
+    """Peak memory above a baseline: CUDA max allocated/reserved, or CPU peak RSS (VmHWM, reset via clear_refs)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def _rss(self, field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.base_reserved = torch.cuda.memory_reserved()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS high-water mark
+            self.base = self._rss("VmRSS:")
+
+    def peak(self) -> dict[str, float]:
+        mib = 2**20
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return {"baseline_mib": self.base / mib,
+                    "peak_mib": (torch.cuda.max_memory_allocated() - self.base) / mib,
+                    "peak_reserved_mib": (torch.cuda.max_memory_reserved() - self.base_reserved) / mib}
+        return {"baseline_mib": self.base / mib, "peak_mib": (self._rss("VmHWM:") - self.base) / mib}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(spec: dict) -> dict:
+    import subtune
+    from subtune.bench.presets import preset_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    config = preset_config(spec["preset"])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.config.use_cache = False
+    if spec["grad_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
+    kind = spec["kind"]
+    memory = Memory(device)
+    memory.reset()
+
+    optimizer = None
+    if kind.startswith("floor:"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = 0
+        if kind == "floor:frozen_backward":
+            model.enable_input_require_grads()
+
+            def step():
+                model(input_ids=ids, labels=ids).loss.backward()
+        elif kind in ("floor:inference", "floor:zo_two_forwards"):
+            passes = 2 if kind == "floor:zo_two_forwards" else 1
+
+            def step():
+                with torch.inference_mode():
+                    for _ in range(passes):
+                        model(input_ids=ids, labels=ids).loss.item()
+        else:
+            raise ValueError(f"unknown floor {kind!r}")
+    else:
+        method = subtune.get_method(kind)
+        method_config = method.config_for_budget(config, spec["budget"]) if spec.get("budget") else \
+            method.config_class()
+        calibration = [{"input_ids": ids, "labels": ids}] * method.calibration_batches(method_config) or None
+        subtune.prepare(model, method_config, calibration=calibration)
+        if spec["grad_checkpointing"]:
+            model.enable_input_require_grads()
+        trainable = subtune.trainable_summary(model).trainable
+        step_fn = getattr(method, "benchmark_step", None)
+        if step_fn is not None:  # e.g. zeroth-order methods: the method's own forward-only step
+            def step():
+                step_fn(model, {"input_ids": ids, "labels": ids})
+        else:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+            def step():
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    model.train()
+    for _ in range(spec["warmup"]):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    result = {
+        "kind": kind, "trainable": trainable,
+        "optimizer_state_mib": (sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                                    for t in s.values() if torch.is_tensor(t)) / 2**20) if optimizer else 0.0,
+        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        "tokens_per_s": spec["batch"] * spec["seq"] / statistics.median(times),
+        "base_parameters": (model.subtune_state.base_parameters if hasattr(model, "subtune_state")
+                            else sum(p.numel() for p in model.parameters())),
+    }
+    result.update(memory.peak())
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
