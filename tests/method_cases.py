@@ -10,5 +10,9 @@ CASES = {
              "exports_lora": True},
     "s2ft-gradient": {"config": lambda: subtune.S2FTConfig(o_ratio=0.25, d_ratio=0.1, strategy="gradient",
                                                            allocation="uniform"), "exports_lora": True},
+    "smt": {"config": lambda: subtune.SMTConfig(block_size=8, num_blocks=6, warmup_steps=2), "exports_lora": True},
+    "smt-mlp-ragged": {"config": lambda: subtune.SMTConfig(block_size=10, num_blocks=3, mlp_num_blocks=4,
+                                                           score="l2", scope="per_matrix", warmup_steps=2),
+                       "exports_lora": True},
 }
 

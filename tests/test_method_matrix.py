@@ -117,7 +117,17 @@ def test_corrupt_or_missing_adapter_files_are_refused(method_id, batch, tmp_path
         subtune.load(make_tiny(0), tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("method_id", [m for m in METHODS if m not in ("full", "s2ft", "s2ft-gradient")])
+FREE_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("lora", "dora")]
+FIXED_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("s2ft", "smt")]
+
+
+@pytest.mark.parametrize("method_id", FIXED_TARGETS)
+def test_methods_with_fixed_candidates_name_the_allowed_targets(method_id):
+    with pytest.raises(subtune.ConfigError, match=r"\['query'\]"):
+        CASES[method_id]["config"]().with_overrides({"target_modules": ["query", "v_proj"]})
+
+
+@pytest.mark.parametrize("method_id", FREE_TARGETS)
 def test_targets_that_match_nothing_list_the_existing_names(method_id, batch):
     config = CASES[method_id]["config"]().with_overrides({"target_modules": ["query", "v_proj"]})
     with pytest.raises(ModelLayoutError, match=r"\['query'\] match no linear layer.*'down_proj'"):

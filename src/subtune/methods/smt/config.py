@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from subtune.core.config import ConfigError, MethodConfig
+
+ATTENTION = ("q_proj", "k_proj", "v_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+SCORES = ("abs_of_mean", "mean_of_abs", "l1", "l2")
+
+
+@dataclass
+class SMTConfig(MethodConfig):
+    """Which b×b blocks SMT trains, chosen by warm-up gradients.
+
+    Budget: `ratio` of all 2-D blocks of the model (the official definition: every 2-D parameter, embeddings and
+    lm_head included, counted as (rows/b)·(cols/b)) or an absolute `num_blocks`. MLP blocks have their own budget
+    (`mlp_ratio` / `mlp_num_blocks`, off by default as in the paper's main setting).
+
+    Warm-up: `warmup_steps` calibration batches. Default (`warmup_updates=False`) sums gradients at the base weights
+    with no optimizer step: no full-FT memory, and the update stays a pure block delta against the original base
+    (exact LoRA export). `warmup_updates=True` reproduces the official code: real AdamW steps on every weight during
+    warm-up (full-FT memory; the base changes, so exports are only exact against the warmed-up model).
+    """
+
+    method = "smt"
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION))
+    mlp_modules: list[str] = field(default_factory=lambda: list(MLP))
+    block_size: int = 256
+    ratio: float = 0.0084
+    num_blocks: int | None = None
+    mlp_ratio: float = 0.0
+    mlp_num_blocks: int | None = None
+    score: str = "abs_of_mean"
+    scope: Literal["global", "per_matrix"] = "global"
+    warmup_steps: int = 100
+    warmup_updates: bool = False
+    warmup_lr: float = 9.65e-6
+
+    def validate(self) -> None:
+        super().validate()
+        for name, allowed in (("target_modules", ATTENTION + MLP), ("mlp_modules", MLP)):
+            bad = sorted(set(getattr(self, name)) - set(allowed))
+            if bad:
+                raise ConfigError(f"smt: {name} may hold {list(allowed)}, not {bad}")
+        if self.block_size < 1:
+            raise ConfigError(f"smt: block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= self.ratio <= 1.0 or not 0.0 <= self.mlp_ratio <= 1.0:
+            raise ConfigError("smt: ratio and mlp_ratio must be in [0, 1]")
+        if self.score not in SCORES:
+            raise ConfigError(f"smt: score {self.score!r} is not one of {list(SCORES)}")
+        if self.warmup_steps < 1:
+            raise ConfigError("smt: warmup_steps must be >= 1 (selection needs at least one gradient)")
+        for name in ("num_blocks", "mlp_num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"smt: {name} must be >= 0")

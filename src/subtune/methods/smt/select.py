@@ -1,0 +1,151 @@
+"""SMT policy: warm-up gradients -> block scores -> top-k blocks (global or per matrix)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from subtune.core.distributed import broadcast_from_rank0
+from subtune.core.surgery import find_targets, freeze
+from subtune.methods.smt.config import SMTConfig
+from subtune.ops.block_sparse import num_blocks
+
+
+def total_blocks(model: nn.Module, block: int) -> int:
+    """Official budget base: Σ over every 2-D parameter of (rows/b)·(cols/b), summed as floats, truncated once."""
+    return int(sum(p.shape[0] / block * p.shape[1] / block for p in model.parameters() if p.dim() == 2))
+
+
+def budgets(model: nn.Module, config: SMTConfig) -> tuple[int, int]:
+    """(attention-group blocks, MLP-group blocks)."""
+    n_total = total_blocks(model, config.block_size)
+
+    def one(count, ratio, name):
+        if count is not None:
+            return count
+        k = int(ratio * n_total)
+        if ratio > 0 and k == 0:
+            warnings.warn(f"smt: {name} {ratio} of {n_total} blocks rounds to 0; training 1 block", stacklevel=4)
+            k = 1
+        return k
+    return one(config.num_blocks, config.ratio, "ratio"), one(config.mlp_num_blocks, config.mlp_ratio, "mlp_ratio")
+
+
+def candidate_groups(model: nn.Module, config: SMTConfig) -> list[tuple[dict[str, nn.Linear], int]]:
+    k_attn, k_mlp = budgets(model, config)
+    groups = [(find_targets(model, config.target_modules), k_attn)]
+    mlp = [m for m in config.mlp_modules if m not in config.target_modules]
+    if k_mlp > 0 and mlp:
+        groups.append((find_targets(model, mlp), k_mlp))
+    return [(mods, k) for mods, k in groups if k > 0]
+
+
+def warmup_gradients(model: nn.Module, candidates: dict[str, nn.Linear], calibration, config: SMTConfig,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """Signed fp32 sum over warm-up steps of each candidate weight's gradient."""
+    sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+            for name, m in candidates.items()}
+    device = next(model.parameters()).device
+    if config.warmup_updates:  # the official mode: real full fine-tuning steps during warm-up
+        for p in model.parameters():
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    else:
+        freeze(model)
+        for m in candidates.values():
+            m.weight.requires_grad_(True)
+    handles = []
+    for name, m in candidates.items():
+        def fold(param, name=name):
+            sums[name] += param.grad.float()
+            if not config.warmup_updates:
+                param.grad = None  # drop each gradient as soon as it is summed
+        handles.append(m.weight.register_post_accumulate_grad_hook(fold))
+    was_training = model.training
+    model.eval()  # no dropout: the gradient at the base weights
+    steps = 0
+    try:
+        for batch in tqdm(calibration, total=config.warmup_steps, desc="smt warm-up", disable=not progress,
+                          leave=False):
+            if steps >= config.warmup_steps:
+                break
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            model(**batch).loss.backward()
+            if config.warmup_updates:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    finally:
+        for h in handles:
+            h.remove()
+        freeze(model)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if steps == 0:
+        raise ValueError("smt: the calibration iterable gave no batch; pass warm-up batches")
+    if steps < config.warmup_steps:
+        warnings.warn(f"smt: warm-up used {steps} batches, fewer than warmup_steps={config.warmup_steps}",
+                      stacklevel=3)
+    return sums
+
+
+def block_scores(grad_sum: torch.Tensor, block: int, score: str) -> torch.Tensor:
+    """(R, C) score per block; ragged edge blocks are scored over their real entries only."""
+    out_f, in_f = grad_sum.shape
+    n_r, n_c = num_blocks(out_f, block), num_blocks(in_f, block)
+
+    def grid(t):
+        return F.pad(t, (0, n_c * block - in_f, 0, n_r * block - out_f)).view(n_r, block, n_c, block)
+
+    count = grid(torch.ones_like(grad_sum)).sum((1, 3))
+    g = grid(grad_sum)
+    if score == "abs_of_mean":  # the official default ("mean_abs" in the code is |mean|)
+        return (g.sum((1, 3)) / count).abs()
+    if score == "mean_of_abs":
+        return g.abs().sum((1, 3)) / count
+    if score == "l1":
+        return g.abs().sum((1, 3))
+    if score == "l2":
+        return g.pow(2).sum((1, 3)).sqrt()
+    raise ValueError(f"unknown score {score!r}")
+
+
+def top_blocks(scores: dict[str, torch.Tensor], k: int, scope: str) -> dict[str, tuple[list[int], list[int]]]:
+    """{matrix: (rows, cols)} of the k best blocks; ties go to the earlier matrix/block (stable sort)."""
+    names = list(scores)
+    chosen: dict[str, list[int]] = {n: [] for n in names}
+    if scope == "global":
+        flat = torch.cat([scores[n].flatten().cpu() for n in names])
+        owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+        offset = torch.cat([torch.arange(scores[n].numel()) for n in names])
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        for i in order.tolist():
+            chosen[names[owner[i]]].append(int(offset[i]))
+    else:
+        per, extra = divmod(k, len(names))
+        for i, n in enumerate(names):
+            take = min(per + (i < extra), scores[n].numel())
+            chosen[n] = torch.sort(scores[n].flatten().cpu(), descending=True, stable=True).indices[:take].tolist()
+    out = {}
+    for n, flat_ids in chosen.items():
+        if flat_ids:
+            ids = torch.tensor(sorted(flat_ids))
+            n_c = scores[n].shape[1]
+            out[n] = ((ids // n_c).tolist(), (ids % n_c).tolist())
+    return out
+
+
+def select_blocks(model: nn.Module, config: SMTConfig, calibration) -> dict[str, tuple[list[int], list[int]]]:
+    """One warm-up over every candidate; then each budget group (attention, MLP) takes its own top-k."""
+    groups = candidate_groups(model, config)
+    sums = warmup_gradients(model, {n: m for mods, _ in groups for n, m in mods.items()}, calibration, config)
+    selected = {}
+    for candidates, k in groups:
+        scores = {name: block_scores(sums[name], config.block_size, config.score) for name in candidates}
+        selected.update(top_blocks(scores, k, config.scope))
+    return broadcast_from_rank0(selected)
