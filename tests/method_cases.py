@@ -14,5 +14,11 @@ CASES = {
     "smt-mlp-ragged": {"config": lambda: subtune.SMTConfig(block_size=10, num_blocks=3, mlp_num_blocks=4,
                                                            score="l2", scope="per_matrix", warmup_steps=2),
                        "exports_lora": True},
+    "lamda": {"config": lambda: subtune.LaMDAConfig(r=4, lora_alpha=8), "exports_lora": True},
+    "lamda-identity-residual": {"config": lambda: subtune.LaMDAConfig(r=4, init="svd_identity_residual"),
+                                "exports_lora": True},
+    "lamda-code-init": {"config": lambda: subtune.LaMDAConfig(r=4, init="code"), "exports_lora": True},
+    "lamda++": {"config": lambda: subtune.LaMDAPlusConfig(r=4, rank_min=2, rank_max=8, rank_multiple=2),
+                "exports_lora": True},
 }
 

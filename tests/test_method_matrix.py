@@ -117,7 +117,7 @@ def test_corrupt_or_missing_adapter_files_are_refused(method_id, batch, tmp_path
         subtune.load(make_tiny(0), tmp_path / "nowhere")
 
 
-FREE_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("lora", "dora")]
+FREE_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("lora", "dora", "lamda", "lamda++")]
 FIXED_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("s2ft", "smt")]
 
 

@@ -1,0 +1,98 @@
+"""Gradual freezing of LaMDA's B (PMB): the schedule as a plain-loop helper and as an HF TrainerCallback."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from subtune.ops.lowdim import LowDimLinear
+
+
+def frozen_components(step: int, rank: int, horizon: int) -> int:
+    """k(s) = min(r, floor(r·s / T_f)): component i freezes at ceil((i+1)·T_f / r); all are frozen at T_f."""
+    if horizon <= 0:
+        return rank
+    return min(rank, (rank * step) // horizon)
+
+
+class PMBFreezer:
+    """Call `after_step(optimizer, step)` after every optimizer step (the callback below does it for the Trainer).
+
+    Frozen columns get a zero gradient (so clipping ignores them), are restored to their frozen values after each
+    step (so AdamW momentum and decoupled weight decay cannot move them) and have their Adam moments zeroed. At full
+    freeze B stops requiring grad, leaves the optimizer's param groups and its state is deleted.
+    """
+
+    def __init__(self, model: nn.Module, total_steps: int, freeze_fraction: float = 0.3,
+                 freeze_steps: int | None = None, order: str = "largest_first"):
+        self.layers = [m for m in model.modules() if isinstance(m, LowDimLinear)]
+        self.horizon = freeze_steps if freeze_steps is not None else math.ceil(freeze_fraction * total_steps)
+        self.order = order
+        self.frozen: dict[int, int] = {id(layer): 0 for layer in self.layers}
+        self.snapshots: dict[int, torch.Tensor] = {}
+        self.masks: dict[int, torch.Tensor] = {}
+        for layer in self.layers:
+            self.masks[id(layer)] = torch.ones(layer.rank, dtype=layer.lora_B.dtype, device=layer.lora_B.device)
+            layer.lora_B.register_hook(lambda g, key=id(layer): g * self.masks[key])
+
+    def _columns(self, layer: LowDimLinear, count: int) -> torch.Tensor:
+        order = torch.arange(layer.rank, device=layer.lora_B.device)
+        return (order if self.order == "largest_first" else order.flip(0))[:count]
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+        for layer in self.layers:
+            b, key = layer.lora_B, id(layer)
+            if not b.requires_grad:
+                continue
+            k = frozen_components(step, layer.rank, self.horizon)
+            if k > self.frozen[key]:
+                newly = self._columns(layer, k)[self.frozen[key]:]
+                snap = self.snapshots.setdefault(key, b.detach().clone())
+                snap[:, newly] = b[:, newly]
+                self.masks[key][newly] = 0
+                self.frozen[key] = k
+            if self.frozen[key] == 0:
+                continue
+            cols = self._columns(layer, self.frozen[key])
+            b[:, cols] = self.snapshots[key][:, cols]
+            state = optimizer.state.get(b, {}) if optimizer is not None else {}
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state:
+                    state[name][:, cols] = 0
+            if self.frozen[key] == layer.rank:
+                self._release(layer, optimizer)
+
+    def _release(self, layer: LowDimLinear, optimizer) -> None:
+        b = layer.lora_B
+        b.requires_grad_(False)
+        b.grad = None
+        if optimizer is not None:
+            optimizer.state.pop(b, None)
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p is not b]
+        self.snapshots.pop(id(layer), None)
+
+    def all_frozen(self) -> bool:
+        return all(not layer.lora_B.requires_grad for layer in self.layers)
+
+
+class PMBFreezeCallback(TrainerCallback):
+    """Runs PMBFreezer after each optimizer step of an (unmodified) HF Trainer."""
+
+    def __init__(self, model: nn.Module, config):
+        self.model, self.config, self.freezer = model, config, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.freezer = PMBFreezer(self.model, state.max_steps, self.config.freeze_fraction, self.config.freeze_steps,
+                                  self.config.freeze_order)
+        # resuming: replay the schedule up to the restored step (columns freeze at their current values)
+        if state.global_step:
+            self.freezer.after_step(kwargs.get("optimizer"), state.global_step)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.freezer.after_step(optimizer, state.global_step)

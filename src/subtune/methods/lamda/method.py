@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from subtune.core.errors import AdapterLoadError
+from subtune.core.method import Method, Selection, register_method
+from subtune.core.peft_format import write_lora_factors
+from subtune.core.surgery import find_targets, replace_module
+from subtune.methods.lamda.config import LaMDAConfig, LaMDAPlusConfig
+from subtune.methods.lamda.freeze import PMBFreezeCallback
+from subtune.methods.lamda.select import init_factors, ranks_for
+from subtune.ops.lowdim import LowDimLinear
+
+
+def _lowdim_layers(model: nn.Module) -> dict[str, LowDimLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LowDimLinear)}
+
+
+class LaMDAMethod(Method):
+    def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str):
+        self.id, self.config_class, self.paper = method_id, config_class, paper
+
+    def config_for_budget(self, model_config, trainable: int) -> LaMDAConfig:
+        """Same rank as a LoRA of that budget on the same targets (the spec's same-rank comparison)."""
+        from subtune.methods.lora.method import _lora_params_per_rank
+
+        per_rank = _lora_params_per_rank(model_config, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+        return self.config_class(r=max(1, round(trainable / per_rank)),
+                                 target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+
+    def select(self, model, config: LaMDAConfig, calibration) -> Selection:
+        """SVD of every target weight (done once; the factors are saved, never recomputed at load)."""
+        targets = find_targets(model, config.target_modules)
+        ranks = ranks_for(model, targets, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        tensors = {}
+        for name, module in targets.items():
+            r = ranks[name]
+            if r > min(module.in_features, module.out_features):
+                raise AdapterLoadError(f"lamda: rank {r} exceeds min(in, out) of {name} "
+                                       f"({module.out_features}×{module.in_features}); lower r")
+            f = init_factors(module.weight, r, config.init, config.lora_alpha / r, generator)
+            tensors[f"{name}.A"] = f["A"]
+            tensors[f"{name}.B0"] = f["B"]
+            tensors[f"{name}.S0"] = f["S"]
+        info = {"ranks": ranks, "init": config.init}
+        if isinstance(config, LaMDAPlusConfig):
+            info["rank_budget"] = config.r * len(targets)
+        return Selection(tensors, info)
+
+    def attach(self, model: nn.Module, config: LaMDAConfig, selection: Selection) -> None:
+        ranks = selection.info["ranks"]
+        for name, r in ranks.items():
+            base = model.get_submodule(name)
+            a, b0, s0 = (selection.tensors[f"{name}.{k}"] for k in ("A", "B0", "S0"))
+            scaling = config.lora_alpha / r
+            if config.init in ("svd_identity_residual", "svd_sigma_residual"):
+                with torch.no_grad():  # move the principal part out of W: the model is unchanged at init
+                    residual = (scaling * (b0.double() @ s0.double() @ a.double())).to(base.weight.dtype)
+                    base.weight.sub_(residual.to(base.weight.device))
+            replace_module(model, name, LowDimLinear(base, a, b0, s0, scaling))
+
+    def callbacks(self, model: nn.Module, config: LaMDAConfig) -> list:
+        return [PMBFreezeCallback(model, config)]
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in _lowdim_layers(model).items():
+            out[f"{name}.lora_B"] = layer.lora_B
+            out[f"{name}.lora_S"] = layer.lora_S  # never dropped (the released code loses S on save)
+        return out
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        layers = _lowdim_layers(model)
+        expected = {f"{n}.{k}" for n in layers for k in ("lora_B", "lora_S")}
+        if set(tensors) != expected:
+            raise AdapterLoadError(f"lamda tensors do not match: missing {sorted(expected - set(tensors))[:3]}, "
+                                   f"unexpected {sorted(set(tensors) - expected)[:3]}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+                layer.lora_S.copy_(tensors[f"{name}.lora_S"])
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in _lowdim_layers(model).values():
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in _lowdim_layers(model).values():
+            layer.unmerge()
+
+    def unload(self, model: nn.Module) -> None:
+        for name, layer in _lowdim_layers(model).items():
+            layer.merge()
+            replace_module(model, name, layer.base_layer)
+
+    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
+        """Exact rank-r LoRA against the original base (spec §7): A' = A, B' = s·(B S − B0 S0) for residual inits
+        (B0 S0 = 0 for pure-delta inits is subtracted as well, which changes nothing)."""
+        state = model.subtune_state
+        residual = state.config.init in ("svd_identity_residual", "svd_sigma_residual")
+        factors = {}
+        for name, layer in _lowdim_layers(model).items():
+            core = layer.lora_B.detach().double() @ layer.lora_S.detach().double()
+            if residual:
+                sel = state.selection.tensors
+                core = core - sel[f"{name}.B0"].double().to(core.device) @ sel[f"{name}.S0"].double().to(core.device)
+            factors[name] = (layer.lora_A.float().cpu(), (layer.scaling * core).float().cpu())
+        return write_lora_factors(directory, factors, base_name=state.base_name, max_rank=max_rank,
+                                  fallback=fallback)
+
+
+register_method(LaMDAMethod("lamda", LaMDAConfig, "LaMDA (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)"))
+register_method(LaMDAMethod("lamda++", LaMDAPlusConfig,
+                            "LaMDA++ (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)"))
