@@ -119,6 +119,7 @@ def test_corrupt_or_missing_adapter_files_are_refused(method_id, batch, tmp_path
 
 FREE_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("lora", "dora", "lamda", "lamda++")]
 FIXED_TARGETS = [m for m in METHODS if CASES[m]["config"]().method in ("s2ft", "smt")]
+FREE_TARGETS += [m for m in METHODS if CASES[m]["config"]().method == "senszo"]
 
 
 @pytest.mark.parametrize("method_id", FIXED_TARGETS)

@@ -13,10 +13,11 @@ from subtune.methods.lora import DoraConfig, LoraConfig  # noqa: E402
 from subtune.methods.s2ft import S2FTConfig  # noqa: E402
 from subtune.methods.smt import SMTConfig  # noqa: E402
 from subtune.methods.lamda import LaMDAConfig, LaMDAPlusConfig  # noqa: E402
+from subtune.methods.senszo import MeZOConfig, SensZOConfig  # noqa: E402
 
 __all__ = [
     "__version__", "prepare", "save", "load", "merge", "unmerge", "unload", "export_lora", "trainable_summary",
-    "read_adapter_config", "MethodConfig", "FullConfig", "LoraConfig", "DoraConfig", "S2FTConfig", "SMTConfig", "LaMDAConfig", "LaMDAPlusConfig", "Method", "Selection",
+    "read_adapter_config", "MethodConfig", "FullConfig", "LoraConfig", "DoraConfig", "S2FTConfig", "SMTConfig", "LaMDAConfig", "LaMDAPlusConfig", "SensZOConfig", "MeZOConfig", "Method", "Selection",
     "register_method", "get_method", "available_methods", "config_from_dict", "ConfigError", "SubtuneError",
     "AdapterLoadError", "DataError", "ExportError", "ModelLayoutError",
 ]

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from subtune.core.config import ConfigError, MethodConfig
+
+
+@dataclass
+class ZOConfig(MethodConfig):
+    """SPSA settings shared by the zeroth-order methods (MeZO defaults: ε 1e-3, one direction)."""
+
+    eps: float = 1e-3
+    directions: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eps <= 0:
+            raise ConfigError(f"{self.method}: eps must be > 0")
+        if self.directions < 1:
+            raise ConfigError(f"{self.method}: directions must be >= 1")
+
+
+@dataclass
+class MeZOConfig(ZOConfig):
+    """MeZO: every parameter, perturbed in place and restored by regenerating z (as the paper; in fp16/bf16 this
+    drifts, senszoq spec pitfall 3)."""
+
+    method = "mezo"
+
+
+@dataclass
+class SensZOConfig(ZOConfig):
+    """SensZOQ: the `density` most sensitive entries of each target weight (summed per-sample squared gradients on
+    calibration text), tuned by ZO as fp32 values; the rest of each weight frozen, optionally 4-bit NF4.
+
+    mask_source: `sensitivity` (default), or the ablations `random` and `magnitude`; scope `per_matrix` (default,
+    exactly ceil(density·numel) per matrix) or `global`; `mask_path`: a saved mask to reuse across tasks.
+    """
+
+    method = "senszo"
+    density: float = 0.001
+    scope: Literal["per_matrix", "global"] = "per_matrix"
+    mask_source: Literal["sensitivity", "random", "magnitude"] = "sensitivity"
+    calibration_samples: int = 100
+    quantize: Literal["nf4", "none"] = "nf4"
+    mask_path: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"senszo: density must be in (0, 1], got {self.density}")
+        if self.calibration_samples < 1:
+            raise ConfigError("senszo: calibration_samples must be >= 1")

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from subtune.core.errors import AdapterLoadError
+from subtune.core.method import Method, Selection, register_method
+from subtune.core.surgery import find_targets, replace_module
+from subtune.methods.full.method import FullMethod
+from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
+from subtune.methods.senszo.mask import compute_mask
+from subtune.ops.sparse import DenseAndSparseLinear
+from subtune.ops.zo import spsa_step
+
+
+def _sparse_layers(model: nn.Module) -> dict[str, DenseAndSparseLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DenseAndSparseLinear)}
+
+
+class ZerothOrderMixin:
+    """What the ZO trainer and the benchmark need from a zeroth-order method."""
+
+    zeroth_order = True
+    exact_restore = True
+
+    def trainer_class(self):
+        from subtune.train.zo import ZOTrainer
+
+        return ZOTrainer
+
+    def benchmark_step(self, model: nn.Module, batch: dict) -> None:
+        from subtune.train.zo import fp32_lm_loss
+
+        config = model.subtune_state.config
+        with torch.inference_mode():
+            spsa_step(self.zo_tensors(model), lambda: fp32_lm_loss(model, batch), list(range(config.directions)),
+                      config.eps, 1e-6, exact_restore=self.exact_restore)
+
+
+class SensZOMethod(ZerothOrderMixin, Method):
+    id = "senszo"
+    config_class = SensZOConfig
+    paper = "SensZOQ (Guo et al., ICLR 2025, arXiv 2406.02913)"
+
+    def calibration_batches(self, config: SensZOConfig) -> int:
+        return 0 if config.mask_path or config.mask_source != "sensitivity" else config.calibration_samples
+
+    def select(self, model, config: SensZOConfig, calibration) -> Selection:
+        targets = find_targets(model, config.target_modules)
+        mask = compute_mask(model, targets, config, calibration)
+        return Selection({f"{name}.index": idx for name, idx in mask.items()},
+                         {"values": {name: int(idx.numel()) for name, idx in mask.items()},
+                          "mask_source": config.mask_source if not config.mask_path else f"file:{config.mask_path}"})
+
+    def attach(self, model: nn.Module, config: SensZOConfig, selection: Selection) -> None:
+        for key, index in selection.tensors.items():
+            name = key.removesuffix(".index")
+            base = model.get_submodule(name)
+            if not isinstance(base, nn.Linear):
+                raise AdapterLoadError(f"senszo: {name} is {type(base).__name__}, expected nn.Linear")
+            replace_module(model, name, DenseAndSparseLinear(base, index, config.quantize))
+        for layer in _sparse_layers(model).values():
+            layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
+
+    def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        return [layer.values for layer in _sparse_layers(model).values()]
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"{name}.values": layer.values for name, layer in _sparse_layers(model).items()}
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        layers = _sparse_layers(model)
+        expected = {f"{n}.values" for n in layers}
+        if set(tensors) != expected:
+            raise AdapterLoadError(f"senszo tensors do not match the mask: missing {sorted(expected - set(tensors))[:3]}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.values.copy_(tensors[f"{name}.values"])
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in _sparse_layers(model).values():
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in _sparse_layers(model).values():
+            layer.unmerge()
+
+    def unload(self, model: nn.Module) -> None:
+        for name, layer in _sparse_layers(model).items():
+            layer.merge()
+            replace_module(model, name, layer._merged)
+
+
+class MeZOMethod(ZerothOrderMixin, FullMethod):
+    """MeZO: every parameter, in place. Saves like full fine-tuning (the whole model)."""
+
+    id = "mezo"
+    config_class = MeZOConfig
+    paper = "MeZO (Malladi et al., NeurIPS 2023, arXiv 2305.17333)"
+    exact_restore = False  # a copy of every weight would double memory; z is regenerated instead
+
+    def attach(self, model: nn.Module, config: MeZOConfig, selection: Selection) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+        seen, out = set(), []
+        for p in model.parameters():
+            if id(p) not in seen:  # tied weights are perturbed once
+                seen.add(id(p))
+                out.append(p.data)
+        return out
+
+
+register_method(SensZOMethod())
+register_method(MeZOMethod())

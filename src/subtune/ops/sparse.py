@@ -1,0 +1,104 @@
+"""Dense-and-sparse linear: y = x · Dᵀ + x · Sᵀ, D frozen (optionally 4-bit NF4), S a few fp32 values at fixed positions.
+
+The positions of S are zeroed in W *before* D is built (and quantised), so no weight is counted twice; NF4 has an
+exact zero code, so dequant(D) is exactly 0 there. Zeroth-order training perturbs and updates only S's values and
+never touches D's packed codes. The sparse term costs O(tokens · k): a gather of input columns and an index_add
+into output rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def quantize_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    out_f, in_f = weight.shape
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, quant_type="nf4", compute_dtype=compute_dtype,
+                              device="cpu")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
+                                     quant_type="nf4")
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to("cpu", compute_dtype).clone(), requires_grad=False)
+    return layer.to(weight.device)  # quantises on .to()
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bf
+
+        return bf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.detach()
+
+
+class DenseAndSparseLinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, flat_index: torch.Tensor, quantize: str = "none"):
+        super().__init__()
+        out_f, in_f = base_layer.out_features, base_layer.in_features
+        device = base_layer.weight.device
+        flat_index = torch.as_tensor(flat_index, dtype=torch.long, device=device).sort().values
+        if flat_index.numel() == 0 or flat_index[0] < 0 or flat_index[-1] >= out_f * in_f:
+            raise ValueError(f"sparse positions must lie in [0, {out_f * in_f})")
+        self.in_features, self.out_features = in_f, out_f
+        self.register_buffer("rows", flat_index // in_f, persistent=False)
+        self.register_buffer("cols", flat_index % in_f, persistent=False)
+        weight = base_layer.weight.detach()
+        self.values = nn.Parameter(weight.reshape(-1)[flat_index].float().clone())
+        dense = weight.clone()
+        dense.view(-1)[flat_index] = 0
+        if quantize == "nf4":
+            self.dense = quantize_nf4(dense, base_layer.bias, compute_dtype=weight.dtype)
+        elif quantize == "none":
+            self.dense = nn.Linear(in_f, out_f, bias=base_layer.bias is not None, device=device, dtype=weight.dtype)
+            with torch.no_grad():
+                self.dense.weight.copy_(dense)
+                if base_layer.bias is not None:
+                    self.dense.bias.copy_(base_layer.bias)
+        else:
+            raise ValueError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
+        self.dense.requires_grad_(False)
+        self.quantize = quantize
+        self._merged: nn.Linear | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense.weight
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self._merged(x)
+        y = self.dense(x)
+        contrib = x.index_select(-1, self.cols) * self.values.to(x.dtype)
+        return y.index_add(-1, self.rows, contrib.to(y.dtype))
+
+    def effective_weight(self) -> torch.Tensor:
+        """dequant(D) + S as a dense (out, in) matrix in the dense part's compute dtype."""
+        w = dequantized_weight(self.dense).clone()
+        w.view(-1).index_put_((self.rows * self.in_features + self.cols,), self.values.detach().to(w.dtype))
+        return w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """A plain 16/32-bit Linear holding dequant(D) + S: exactly the model that was trained."""
+        if self.merged:
+            return
+        w = self.effective_weight()
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.dense.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        merged.weight.copy_(w)
+        if self.dense.bias is not None:
+            merged.bias.copy_(self.dense.bias)
+        self._merged = merged.requires_grad_(False)
+
+    def unmerge(self) -> None:
+        self._merged = None
+
+    def extra_repr(self) -> str:
+        return f"sparse={self.values.numel()}, dense={self.quantize}, in={self.in_features}, out={self.out_features}"
