@@ -139,3 +139,33 @@ def test_mezo_perturbs_every_weight_and_restores_by_regeneration(batch):
     assert drift < 1e-6  # fp32: regeneration restores to rounding
     spsa_step(method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [1], 1e-3, lr=1e-3, exact_restore=False)
     assert all(not torch.equal(a, b) for a, b in zip(before, method.zo_tensors(model)))
+
+
+def test_choice_objective_is_cross_entropy_over_candidate_mean_log_likelihoods():
+    from subtune.data.loaders import ChoiceCollator, encode_choice_record
+    from subtune.train.zo import choice_loss
+
+    tok = type("Tok", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                           "__call__": lambda self, text, add_special_tokens=False: type(
+                               "E", (), {"input_ids": [3 + ord(c) % 60 for c in text[-12:]]})()})()
+    records = [{"instruction": "pick", "output": "the answer is Ostra", "answer": "Ostra",
+                "choices": ["Brask", "Ostra", "Umber"]},
+               {"instruction": "pick2", "output": "Tesk", "answer": "Tesk", "choices": ["Tesk", "Ivory"]}]
+    batch = ChoiceCollator(0)([encode_choice_record(tok, r) for r in records])
+    assert batch["input_ids"].shape[0] == 5 and batch["gold"].tolist() == [1, 0]
+    model = make_tiny(0)
+    with torch.no_grad():
+        loss = choice_loss(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        scores = []
+        for i in range(5):  # reference: per candidate, mean log p of its labelled tokens, one at a time
+            lp, n = 0.0, 0
+            for t in range(batch["input_ids"].shape[1] - 1):
+                label = int(batch["labels"][i, t + 1])
+                if label != -100:
+                    lp += float(torch.log_softmax(logits[i, t], -1)[label])
+                    n += 1
+            scores.append(lp / n)
+    first = -torch.log_softmax(torch.tensor(scores[:3]), 0)[1]
+    second = -torch.log_softmax(torch.tensor(scores[3:]), 0)[0]
+    assert abs(float(loss) - float((first + second) / 2)) < 1e-5

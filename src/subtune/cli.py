@@ -194,6 +194,35 @@ def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpoint
     click.echo("\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
 
 
+@main.command(name="senszo-mask")
+@click.option("--model", "model_name", default="default", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="mask file (.safetensors) to write")
+@click.option("--density", type=float, default=0.001, show_default=True)
+@click.option("--samples", type=int, default=100, show_default=True, help="calibration windows of --seq tokens")
+@click.option("--seq", type=int, default=512, show_default=True)
+@click.option("--data", default=None, help="calibration text as a task/JSON file [the embedded pretraining corpus]")
+@click.option("--scope", type=click.Choice(["per_matrix", "global"]), default="per_matrix", show_default=True)
+@_fail_cleanly
+def senszo_mask(model_name, out, density, samples, seq, data, scope) -> None:
+    """Compute SensZOQ's sensitive-weight mask once and save it (reuse it with --mask_path for any task)."""
+    from subtune.core.surgery import find_targets
+    from subtune.data.loaders import calibration_batches, load_records
+    from subtune.methods.senszo import SensZOConfig, save_mask
+    from subtune.methods.senszo.mask import compute_mask
+    from subtune.zoo import corpus_calibration, load_model
+
+    config = SensZOConfig(density=density, scope=scope, calibration_samples=samples)
+    model, tokenizer = load_model(model_name)
+    calibration = (calibration_batches(tokenizer, load_records(data), batch_size=1, num_batches=samples)
+                   if data else corpus_calibration(tokenizer, samples=samples, seq=seq))
+    targets = find_targets(model, config.target_modules)
+    mask = compute_mask(model, targets, config, calibration)
+    save_mask(mask, out, {n: tuple(m.weight.shape) for n, m in targets.items()})
+    total = sum(m.weight.numel() for m in targets.values())
+    click.echo(f"mask: {sum(i.numel() for i in mask.values()):,} of {total:,} weights "
+               f"({100 * density:.3f}%) over {len(mask)} matrices -> {out}")
+
+
 @main.command()
 @click.option("--adapter", required=True, type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False))

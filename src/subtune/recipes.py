@@ -25,6 +25,8 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "full": {"lr": 1e-4},
     "lora": {"lr": 2e-3},
     "dora": {"lr": 2e-3},
+    "s2ft": {"lr": 1e-2},
+    "smt": {"lr": 1e-2, "config": {"block_size": 32, "warmup_steps": 8}},
 }
 
 
@@ -54,7 +56,11 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
     """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer)."""
     calibration = None
     wanted = get_method(config.method).calibration_batches(config)
-    if wanted:  # the first training batches (SMT: its warm-up)
+    if wanted and getattr(config, "calibration_source", "train") == "corpus":
+        from subtune.zoo import corpus_calibration
+
+        calibration = corpus_calibration(tokenizer, samples=wanted)
+    elif wanted:  # the first training batches (SMT: its warm-up)
         calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16),
                                           num_batches=wanted)
     api.prepare(model, config, calibration=calibration)

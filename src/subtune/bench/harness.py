@@ -56,8 +56,11 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
 
     spec.budget = spec.budget or default_budget(spec.preset)
     kinds = list(spec.methods) + FLOORS
-    if any(getattr(get_method(m), "zeroth_order", False) for m in spec.methods):
+    zo_methods = [m for m in spec.methods if getattr(get_method(m), "zeroth_order", False)]
+    if zo_methods:
         kinds.append(ZO_FLOOR)
+        # a ZO method's own base (e.g. SensZOQ's 4-bit model) has its own floors: one and two inference forwards
+        kinds += [f"{floor}+{m}" for m in zo_methods if m != "mezo" for floor in ("floor:inference", ZO_FLOOR)]
     results = []
     bar = tqdm(kinds, desc="bench", disable=not progress)
     for kind in bar:
@@ -89,19 +92,27 @@ def markdown_table(report: dict) -> str:
             f"{spec['budget']:,}" + (", gradient checkpointing" if spec["grad_checkpointing"] else ""))
     lines = [head, "",
              "| method | trainable | s/step (median [min–max]) | tokens/s | peak mem above load (MiB) | "
-             "time vs full | mem vs full | time vs LoRA | mem vs LoRA | time vs floor | mem vs floor |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "total peak (MiB) | time vs full | mem vs full | time vs LoRA | mem vs LoRA | time vs floor | "
+             "mem vs floor |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['kind']} | failed: {r['error'][:80]} |" + " |" * 9)
+            lines.append(f"| {r['kind']} | failed: {r['error'][:80]} |" + " |" * 10)
             continue
         t, m = r["median_s"], r["peak_mib"]
         lines.append(
             f"| {r['kind']} | {r['trainable']:,} | {t:.3f} [{r['min_s']:.3f}–{r['max_s']:.3f}] | "
-            f"{r['tokens_per_s']:.0f} | {m:.0f} | {_ratio(t, full and full['median_s'])} | "
+            f"{r['tokens_per_s']:.0f} | {m:.0f} | {r['total_peak_mib']:.0f} | {_ratio(t, full and full['median_s'])} | "
             f"{_ratio(m, full and full['peak_mib'])} | {_ratio(t, lora and lora['median_s'])} | "
             f"{_ratio(m, lora and lora['peak_mib'])} | {_ratio(t, floor and floor['median_s'])} | "
             f"{_ratio(m, floor and floor['peak_mib'])} |")
+    for kind, r in ok.items():  # a ZO method against inference on its own (e.g. 4-bit) base
+        base_floor = ok.get(f"floor:inference+{kind}")
+        if base_floor:
+            lines.append(f"\n`{kind}` step vs inference on the same base and batch: total peak "
+                         f"{r['total_peak_mib']:.0f} / {base_floor['total_peak_mib']:.0f} MiB = "
+                         f"{r['total_peak_mib'] / base_floor['total_peak_mib']:.3f}×; peak above load "
+                         f"{r['peak_mib']:.0f} / {base_floor['peak_mib']:.0f} MiB; time {_ratio(r['median_s'], base_floor['median_s'])}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,9 @@ Prints one JSON line with the measurements. Kinds: a method id, or a floor:
   floor:inference        forward only, no graph
   floor:frozen_backward  forward + backward with every weight frozen and the input embeddings requiring grad
   floor:zo_two_forwards  two inference forwards (what a zeroth-order step must pay)
+A floor may name a method after '+' (e.g. floor:inference+senszo): it is measured on the model that method prepared
+(for SensZOQ, the 4-bit base). Memory: `peak_mib` is the peak during the timed and warm-up steps above the RSS right
+after the model was built (selection and warm-up transients excluded); `total_peak_mib` is the absolute peak.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ class Memory:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"{field} not in /proc/self/status")
 
+    def release_and_reset(self) -> None:
+        """Return freed memory to the OS and restart the peak, keeping the post-load baseline."""
+        import ctypes
+        import gc
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        Path("/proc/self/clear_refs").write_text("5")
+
     def reset(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -47,8 +67,10 @@ class Memory:
             torch.cuda.synchronize()
             return {"baseline_mib": self.base / mib,
                     "peak_mib": (torch.cuda.max_memory_allocated() - self.base) / mib,
-                    "peak_reserved_mib": (torch.cuda.max_memory_reserved() - self.base_reserved) / mib}
-        return {"baseline_mib": self.base / mib, "peak_mib": (self._rss("VmHWM:") - self.base) / mib}
+                    "peak_reserved_mib": (torch.cuda.max_memory_reserved() - self.base_reserved) / mib,
+                    "total_peak_mib": torch.cuda.max_memory_allocated() / mib}
+        peak = self._rss("VmHWM:")
+        return {"baseline_mib": self.base / mib, "peak_mib": (peak - self.base) / mib, "total_peak_mib": peak / mib}
 
 
 def _sync(device: str) -> None:
@@ -76,18 +98,28 @@ def run(spec: dict) -> dict:
     memory = Memory(device)
     memory.reset()
 
-    optimizer = None
-    if kind.startswith("floor:"):
+    optimizer, trainable = None, 0
+    floor, _, prepared_with = kind.partition("+") if kind.startswith("floor:") else ("", "", kind)
+    if prepared_with:  # a method, or a floor measured on a model prepared by a method (e.g. the 4-bit base)
+        method = subtune.get_method(prepared_with)
+        method_config = method.config_for_budget(config, spec["budget"]) if spec.get("budget") else \
+            method.config_class()
+        calibration = [{"input_ids": ids, "labels": ids}] * method.calibration_batches(method_config) or None
+        subtune.prepare(model, method_config, calibration=calibration)
+        if spec["grad_checkpointing"]:
+            model.enable_input_require_grads()
+        trainable = subtune.trainable_summary(model).trainable if not floor else 0
+    memory.release_and_reset()  # selection/warm-up transients are not part of the step
+    if floor:
         for p in model.parameters():
             p.requires_grad_(False)
-        trainable = 0
-        if kind == "floor:frozen_backward":
+        if floor == "floor:frozen_backward":
             model.enable_input_require_grads()
 
             def step():
                 model(input_ids=ids, labels=ids).loss.backward()
-        elif kind in ("floor:inference", "floor:zo_two_forwards"):
-            passes = 2 if kind == "floor:zo_two_forwards" else 1
+        elif floor in ("floor:inference", "floor:zo_two_forwards"):
+            passes = 2 if floor == "floor:zo_two_forwards" else 1
 
             def step():
                 with torch.inference_mode():
@@ -95,26 +127,16 @@ def run(spec: dict) -> dict:
                         model(input_ids=ids, labels=ids).loss.item()
         else:
             raise ValueError(f"unknown floor {kind!r}")
+    elif getattr(method, "benchmark_step", None) is not None:  # zeroth-order: the method's own forward-only step
+        def step():
+            method.benchmark_step(model, {"input_ids": ids, "labels": ids})
     else:
-        method = subtune.get_method(kind)
-        method_config = method.config_for_budget(config, spec["budget"]) if spec.get("budget") else \
-            method.config_class()
-        calibration = [{"input_ids": ids, "labels": ids}] * method.calibration_batches(method_config) or None
-        subtune.prepare(model, method_config, calibration=calibration)
-        if spec["grad_checkpointing"]:
-            model.enable_input_require_grads()
-        trainable = subtune.trainable_summary(model).trainable
-        step_fn = getattr(method, "benchmark_step", None)
-        if step_fn is not None:  # e.g. zeroth-order methods: the method's own forward-only step
-            def step():
-                step_fn(model, {"input_ids": ids, "labels": ids})
-        else:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-            def step():
-                model(input_ids=ids, labels=ids).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     model.train()
     for _ in range(spec["warmup"]):
         step()

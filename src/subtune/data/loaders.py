@@ -123,3 +123,27 @@ def calibration_batches(tokenizer, records: list[dict], batch_size: int = 8, num
     encoded = [encode_record(tokenizer, r, max_length) for r in records[: batch_size * num_batches]]
     encoded = [encoded[i % len(encoded)] for i in range(batch_size * num_batches)]
     return [collate(encoded[i:i + batch_size]) for i in range(0, len(encoded), batch_size)]
+
+
+def encode_choice_record(tokenizer, record: dict, max_length: int = 256) -> dict:
+    """One sequence per candidate answer (the output with the answer swapped for the candidate) and the gold index,
+    for MeZO-style multiple-choice losses."""
+    choices, answer = record.get("choices"), record.get("answer")
+    if not choices or answer not in choices:
+        raise DataError(f"a choice objective needs records with 'choices' containing 'answer'; got {record!r:.120}")
+    outputs = [record["output"].replace(answer, c) if answer in record["output"] else c for c in choices]
+    candidates = [encode_record(tokenizer, {**record, "output": out}, max_length) for out in outputs]
+    return {"candidates": candidates, "gold": choices.index(answer)}
+
+
+class ChoiceCollator:
+    """Flattens candidates into one padded batch; `choice_counts` and `gold` say how to regroup them."""
+
+    def __init__(self, pad_token_id: int):
+        self.inner = CausalCollator(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.inner([c for f in features for c in f["candidates"]])
+        batch["choice_counts"] = torch.tensor([len(f["candidates"]) for f in features])
+        batch["gold"] = torch.tensor([f["gold"] for f in features])
+        return batch

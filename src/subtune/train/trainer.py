@@ -10,7 +10,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from subtune.core.api import save, state_of
-from subtune.data.loaders import CausalCollator, encode_record
+from subtune.data.loaders import CausalCollator, ChoiceCollator, encode_choice_record, encode_record
 
 
 class AdapterCheckpointCallback(TrainerCallback):
@@ -55,7 +55,12 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
                   gradient_checkpointing: bool = False, progress: bool = True, **extra_args):
     """An HF Trainer (or the method's subclass) over LLM-Adapters records, ready for `.train()`."""
     state = state_of(model)
-    dataset = [encode_record(tokenizer, r, max_length, train_on_inputs) for r in train_records]
+    if getattr(state.config, "objective", "lm") == "choice":
+        dataset = [encode_choice_record(tokenizer, r, max_length) for r in train_records]
+        collator = ChoiceCollator(tokenizer.pad_token_id)
+    else:
+        dataset = [encode_record(tokenizer, r, max_length, train_on_inputs) for r in train_records]
+        collator = CausalCollator(tokenizer.pad_token_id)
     if gradient_checkpointing:
         # Every base weight is frozen, so checkpointed blocks need an input that requires grad.
         model.enable_input_require_grads()
@@ -70,4 +75,4 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
     trainer_cls = state.method.trainer_class()
     callbacks = [AdapterCheckpointCallback(model), ThroughputCallback(), *state.method.callbacks(model, state.config)]
     return trainer_cls(model=model, args=args, train_dataset=dataset,
-                       data_collator=CausalCollator(tokenizer.pad_token_id), callbacks=callbacks)
+                       data_collator=collator, callbacks=callbacks)

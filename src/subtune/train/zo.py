@@ -31,6 +31,25 @@ def fp32_lm_loss(model, batch: dict) -> torch.Tensor:
                                              ignore_index=-100)
 
 
+def choice_loss(model, batch: dict) -> torch.Tensor:
+    """MeZO's multiple-choice objective: cross-entropy over candidates scored by their mean answer log-likelihood."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    mask = (labels != -100).float()
+    scores = (logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    losses, start = [], 0
+    for count, gold in zip(batch["choice_counts"].tolist(), batch["gold"].tolist()):
+        group = scores[start:start + count]
+        losses.append(torch.nn.functional.cross_entropy(group[None], torch.tensor([gold], device=group.device)))
+        start += count
+    return torch.stack(losses).mean()
+
+
+def zo_loss(model, batch: dict) -> torch.Tensor:
+    return choice_loss(model, batch) if "gold" in batch else fp32_lm_loss(model, batch)
+
+
 class ZOTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,7 +79,7 @@ class ZOTrainer(Trainer):
 
         def loss_fn():
             with torch.inference_mode():
-                return fp32_lm_loss(model, inputs)
+                return zo_loss(model, inputs)
 
         out = spsa_step(method.zo_tensors(model), loss_fn, seeds, config.eps, lr,
                         exact_restore=method.exact_restore)

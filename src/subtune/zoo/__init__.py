@@ -38,3 +38,18 @@ def load_model(name_or_path: str = "default", dtype: str = "fp32"):
         tokenizer.pad_token = tokenizer.eos_token
     model.config._name_or_path = str(name_or_path)
     return model, tokenizer
+
+
+def corpus_calibration(tokenizer, samples: int = 100, seq: int = 512, seed: int = 0) -> list[dict]:
+    """`samples` windows of `seq` tokens of the embedded pretraining text (SensZOQ's default calibration set)."""
+    from subtune.zoo import world as W
+
+    docs = W.corpus_documents(W.build_world(seed=seed), num_docs=max(8, samples * seq // 150), seed=seed + 1)
+    stream = [i for doc in docs for i in tokenizer(doc + "\n", add_special_tokens=False).input_ids]
+    out = []
+    for i in range(samples):
+        window = torch.tensor(stream[i * seq:(i + 1) * seq])
+        if window.numel() < 2:
+            break
+        out.append({"input_ids": window[None], "labels": window[None].clone()})
+    return out

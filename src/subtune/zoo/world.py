@@ -117,11 +117,27 @@ def _story(p: Person, rng: random.Random) -> str:
     return f"{p.name} had {a} {item} and gave away {b}, so {p.name} had {a} - {b} = {a - b} {item}."
 
 
-def corpus_documents(world: World, num_docs: int, seed: int = 1) -> list[str]:
-    """Pretraining documents: shuffled facts about a few people, a rule or two, arithmetic and small stories."""
+def _instruction_document(world: World, rng: random.Random) -> str:
+    """The Alpaca/LLM-Adapters prompt around an open request for facts: the model meets the template's words (real
+    base models have seen instruction-like text), but never the downstream tasks' question or answer formats."""
+    from subtune.data.prompts import build_prompt
+
+    p = rng.choice(world.people)
+    request = rng.choice([f"Tell me about {p.name}.", f"Describe {p.name}.", f"Write what you know about {p.name}."])
+    facts = _fact_sentences(p, rng)[:4]
+    rng.shuffle(facts)
+    return build_prompt(request) + " ".join(facts[: rng.randint(2, 4)])
+
+
+def corpus_documents(world: World, num_docs: int, seed: int = 1, instruction_fraction: float = 0.15) -> list[str]:
+    """Pretraining documents: shuffled facts about a few people, a rule or two, arithmetic and small stories; a
+    fraction are instruction-formatted fact sheets."""
     rng = random.Random(seed)
     docs = []
     for _ in range(num_docs):
+        if rng.random() < instruction_fraction:
+            docs.append(_instruction_document(world, rng))
+            continue
         parts: list[str] = []
         for p in rng.sample(world.people, 3):
             facts = _fact_sentences(p, rng)

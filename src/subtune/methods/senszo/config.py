@@ -12,6 +12,7 @@ class ZOConfig(MethodConfig):
 
     eps: float = 1e-3
     directions: int = 1
+    objective: Literal["lm", "choice"] = "lm"  # choice: MeZO's loss over candidate answers (records with choices)
 
     def validate(self) -> None:
         super().validate()
@@ -45,6 +46,7 @@ class SensZOConfig(ZOConfig):
     calibration_samples: int = 100
     quantize: Literal["nf4", "none"] = "nf4"
     mask_path: str | None = None
+    calibration_source: Literal["corpus", "train"] = "corpus"  # CLI: the embedded pretraining text (spec Z2) or task
 
     def validate(self) -> None:
         super().validate()
