@@ -84,6 +84,49 @@ class Method(ABC):
             f"method {self.id!r} has no exact LoRA form; use subtune.merge(model) and save the merged model instead")
 
 
+class LayerMethod(Method):
+    """A method whose trained values live in layers of one class (`layer_class`), as the parameters named in
+    `value_names`. Saving, loading, merging and unloading are the same for all such methods."""
+
+    layer_class: type[nn.Module]
+    value_names: tuple[str, ...] = ("delta",)
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {name: m for name, m in model.named_modules() if isinstance(m, self.layer_class)}
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"{name}.{v}": getattr(layer, v) for name, layer in self.layers(model).items()
+                for v in self.value_names}
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        from subtune.core.errors import AdapterLoadError
+
+        layers = self.layers(model)
+        expected = {f"{n}.{v}" for n in layers for v in self.value_names}
+        if set(tensors) != expected:
+            raise AdapterLoadError(
+                f"{self.id} tensors do not match the saved selection: missing {sorted(expected - set(tensors))[:3]}, "
+                f"unexpected {sorted(set(tensors) - expected)[:3]}")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for v in self.value_names:
+                    getattr(layer, v).copy_(tensors[f"{name}.{v}"])
+
+    def merge(self, model: nn.Module) -> None:
+        for layer in self.layers(model).values():
+            layer.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        for layer in self.layers(model).values():
+            layer.unmerge()
+
+    def unload(self, model: nn.Module) -> None:
+        from subtune.core.surgery import replace_module
+
+        for name, layer in self.layers(model).items():
+            replace_module(model, name, layer.unloaded())
+
+
 _REGISTRY: dict[str, Method] = {}
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.ops.base import WrappedLinear
 from subtune.ops.sliced import master_dtype
 
 
@@ -67,7 +68,7 @@ class _BlockDelta(torch.autograd.Function):
         return grad_x, None, None, grad_delta, None, None, None, None
 
 
-class BlockDeltaLinear(nn.Module):
+class BlockDeltaLinear(WrappedLinear):
     """Wraps a frozen nn.Linear and trains a zero-initialised fp32 update of the given (row, col) blocks."""
 
     def __init__(self, base_layer: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, block_size: int,
@@ -93,18 +94,6 @@ class BlockDeltaLinear(nn.Module):
         dtype = dtype or master_dtype(base_layer.weight.dtype)
         self.delta = nn.Parameter(torch.zeros(rows.numel(), block_size, block_size, dtype=dtype, device=device))
         self._original_blocks: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def merged(self) -> bool:

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.ops.base import WrappedLinear
 from subtune.ops.sliced import master_dtype
 
 
-class LowDimLinear(nn.Module):
+class LowDimLinear(WrappedLinear):
     def __init__(self, base_layer: nn.Linear, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, scaling: float):
         super().__init__()
         rank = s.shape[0]
@@ -35,18 +36,6 @@ class LowDimLinear(nn.Module):
     @property
     def rank(self) -> int:
         return self.lora_S.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
 
     @property
     def merged(self) -> bool:

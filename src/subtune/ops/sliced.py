@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.ops.base import WrappedLinear
+
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
@@ -78,7 +80,7 @@ def sliced_delta_linear(x, weight, bias, delta, index, kind: str):
     return _OPS[kind].apply(x, weight, bias, delta, index)
 
 
-class SlicedDeltaLinear(nn.Module):
+class SlicedDeltaLinear(WrappedLinear):
     """Wraps a frozen nn.Linear; trains an fp32 delta on the given input columns or output rows.
 
     `merge()` scatter-adds the delta into the base weight (and remembers the original slice, so `unmerge()` restores
@@ -101,18 +103,6 @@ class SlicedDeltaLinear(nn.Module):
         dtype = dtype or master_dtype(base_layer.weight.dtype)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=base_layer.weight.device))
         self._original_slice: torch.Tensor | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device, shape)
-        return self.base_layer.weight
 
     @property
     def slice_dim(self) -> int:

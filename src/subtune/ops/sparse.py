@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from subtune.ops.base import WrappedLinear
+
 
 def quantize_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
@@ -34,7 +36,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
-class DenseAndSparseLinear(nn.Module):
+class DenseAndSparseLinear(WrappedLinear):
     def __init__(self, base_layer: nn.Linear, flat_index: torch.Tensor, quantize: str = "none"):
         super().__init__()
         out_f, in_f = base_layer.out_features, base_layer.in_features
@@ -42,7 +44,6 @@ class DenseAndSparseLinear(nn.Module):
         flat_index = torch.as_tensor(flat_index, dtype=torch.long, device=device).sort().values
         if flat_index.numel() == 0 or flat_index[0] < 0 or flat_index[-1] >= out_f * in_f:
             raise ValueError(f"sparse positions must lie in [0, {out_f * in_f})")
-        self.in_features, self.out_features = in_f, out_f
         self.register_buffer("rows", flat_index // in_f, persistent=False)
         self.register_buffer("cols", flat_index % in_f, persistent=False)
         weight = base_layer.weight.detach()
@@ -64,8 +65,8 @@ class DenseAndSparseLinear(nn.Module):
         self._merged: nn.Linear | None = None
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.dense.weight
+    def base_layer(self) -> nn.Module:
+        return self._merged if self._merged is not None else self.dense
 
     @property
     def merged(self) -> bool:
@@ -99,6 +100,10 @@ class DenseAndSparseLinear(nn.Module):
 
     def unmerge(self) -> None:
         self._merged = None
+
+    def unloaded(self) -> nn.Module:
+        self.merge()
+        return self._merged
 
     def extra_repr(self) -> str:
         return f"sparse={self.values.numel()}, dense={self.quantize}, in={self.in_features}, out={self.out_features}"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from subtune.core.errors import AdapterLoadError
-from subtune.core.method import Method, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import find_targets, replace_module
 from subtune.methods.lamda.config import LaMDAConfig, LaMDAPlusConfig
@@ -16,11 +16,10 @@ from subtune.methods.lamda.select import init_factors, ranks_for
 from subtune.ops.lowdim import LowDimLinear
 
 
-def _lowdim_layers(model: nn.Module) -> dict[str, LowDimLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowDimLinear)}
+class LaMDAMethod(LayerMethod):
+    layer_class = LowDimLinear
+    value_names = ("lora_B", "lora_S")  # S is always saved (the released code loses it)
 
-
-class LaMDAMethod(Method):
     def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str):
         self.id, self.config_class, self.paper = method_id, config_class, paper
 
@@ -67,44 +66,13 @@ class LaMDAMethod(Method):
     def callbacks(self, model: nn.Module, config: LaMDAConfig) -> list:
         return [PMBFreezeCallback(model, config)]
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, layer in _lowdim_layers(model).items():
-            out[f"{name}.lora_B"] = layer.lora_B
-            out[f"{name}.lora_S"] = layer.lora_S  # never dropped (the released code loses S on save)
-        return out
-
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        layers = _lowdim_layers(model)
-        expected = {f"{n}.{k}" for n in layers for k in ("lora_B", "lora_S")}
-        if set(tensors) != expected:
-            raise AdapterLoadError(f"lamda tensors do not match: missing {sorted(expected - set(tensors))[:3]}, "
-                                   f"unexpected {sorted(set(tensors) - expected)[:3]}")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.lora_B.copy_(tensors[f"{name}.lora_B"])
-                layer.lora_S.copy_(tensors[f"{name}.lora_S"])
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in _lowdim_layers(model).values():
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in _lowdim_layers(model).values():
-            layer.unmerge()
-
-    def unload(self, model: nn.Module) -> None:
-        for name, layer in _lowdim_layers(model).items():
-            layer.merge()
-            replace_module(model, name, layer.base_layer)
-
     def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         """Exact rank-r LoRA against the original base (spec §7): A' = A, B' = s·(B S − B0 S0) for residual inits
         (B0 S0 = 0 for pure-delta inits is subtracted as well, which changes nothing)."""
         state = model.subtune_state
         residual = state.config.init in ("svd_identity_residual", "svd_sigma_residual")
         factors = {}
-        for name, layer in _lowdim_layers(model).items():
+        for name, layer in self.layers(model).items():
             core = layer.lora_B.detach().double() @ layer.lora_S.detach().double()
             if residual:
                 sel = state.selection.tensors

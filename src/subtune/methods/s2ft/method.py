@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from subtune.core.errors import AdapterLoadError
-from subtune.core.method import Method, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import decoder_layers, replace_module
 from subtune.methods.s2ft.config import S2FTConfig
@@ -20,13 +20,10 @@ def _expand(units: torch.Tensor, unit_size: int) -> torch.Tensor:
     return (units[:, None] * unit_size + torch.arange(unit_size)).flatten()
 
 
-def _sliced_layers(model: nn.Module) -> dict[str, SlicedDeltaLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SlicedDeltaLinear)}
-
-
-class S2FTMethod(Method):
+class S2FTMethod(LayerMethod):
     id = "s2ft"
     config_class = S2FTConfig
+    layer_class = SlicedDeltaLinear
     paper = "S²FT (Yang et al., NeurIPS 2024, arXiv 2412.06289)"
 
     def calibration_batches(self, config: S2FTConfig) -> int:
@@ -81,36 +78,10 @@ class S2FTMethod(Method):
                     raise AdapterLoadError(f"s2ft: {p} is {type(base).__name__}, expected nn.Linear")
                 replace_module(model, p, SlicedDeltaLinear(base, _expand(units, comp.unit_size), comp.kind))
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{name}.delta": layer.delta for name, layer in _sliced_layers(model).items()}
-
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        layers = _sliced_layers(model)
-        expected = {f"{n}.delta" for n in layers}
-        if set(tensors) != expected:
-            raise AdapterLoadError(f"s2ft tensors do not match the selection: missing "
-                                   f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.delta.copy_(tensors[f"{name}.delta"])
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in _sliced_layers(model).values():
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in _sliced_layers(model).values():
-            layer.unmerge()
-
-    def unload(self, model: nn.Module) -> None:
-        for name, layer in _sliced_layers(model).items():
-            layer.merge()
-            replace_module(model, name, layer.base_layer)
-
     def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         """Exact one-hot LoRA (spec §7): rank = selected columns/rows, lora_alpha = rank, so scale is 1."""
         factors = {}
-        for name, layer in _sliced_layers(model).items():
+        for name, layer in self.layers(model).items():
             delta = layer.delta.detach().float()
             r = layer.index.numel()
             one_hot = torch.zeros(r, layer.in_features if layer.kind == INPUT_COLUMNS else layer.out_features)

@@ -4,17 +4,13 @@ import torch
 from torch import nn
 
 from subtune.core.errors import AdapterLoadError
-from subtune.core.method import Method, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.surgery import find_targets, replace_module
 from subtune.methods.full.method import FullMethod
 from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
 from subtune.methods.senszo.mask import compute_mask
 from subtune.ops.sparse import DenseAndSparseLinear
 from subtune.ops.zo import spsa_step
-
-
-def _sparse_layers(model: nn.Module) -> dict[str, DenseAndSparseLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, DenseAndSparseLinear)}
 
 
 class ZerothOrderMixin:
@@ -37,9 +33,11 @@ class ZerothOrderMixin:
                       config.eps, 1e-6, exact_restore=self.exact_restore)
 
 
-class SensZOMethod(ZerothOrderMixin, Method):
+class SensZOMethod(ZerothOrderMixin, LayerMethod):
     id = "senszo"
     config_class = SensZOConfig
+    layer_class = DenseAndSparseLinear
+    value_names = ("values",)
     paper = "SensZOQ (Guo et al., ICLR 2025, arXiv 2406.02913)"
 
     def calibration_batches(self, config: SensZOConfig) -> int:
@@ -59,36 +57,11 @@ class SensZOMethod(ZerothOrderMixin, Method):
             if not isinstance(base, nn.Linear):
                 raise AdapterLoadError(f"senszo: {name} is {type(base).__name__}, expected nn.Linear")
             replace_module(model, name, DenseAndSparseLinear(base, index, config.quantize))
-        for layer in _sparse_layers(model).values():
+        for layer in self.layers(model).values():
             layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
 
     def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
-        return [layer.values for layer in _sparse_layers(model).values()]
-
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{name}.values": layer.values for name, layer in _sparse_layers(model).items()}
-
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        layers = _sparse_layers(model)
-        expected = {f"{n}.values" for n in layers}
-        if set(tensors) != expected:
-            raise AdapterLoadError(f"senszo tensors do not match the mask: missing {sorted(expected - set(tensors))[:3]}")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.values.copy_(tensors[f"{name}.values"])
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in _sparse_layers(model).values():
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in _sparse_layers(model).values():
-            layer.unmerge()
-
-    def unload(self, model: nn.Module) -> None:
-        for name, layer in _sparse_layers(model).items():
-            layer.merge()
-            replace_module(model, name, layer._merged)
+        return [layer.values for layer in self.layers(model).values()]
 
 
 class MeZOMethod(ZerothOrderMixin, FullMethod):

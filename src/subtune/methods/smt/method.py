@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from subtune.core.errors import AdapterLoadError
-from subtune.core.method import Method, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import replace_module
 from subtune.methods.smt.config import SMTConfig
@@ -16,10 +16,6 @@ from subtune.ops.block_sparse import BlockDeltaLinear
 
 
 WARMED_BASE = "warmed_base."
-
-
-def _block_layers(model: nn.Module) -> dict[str, BlockDeltaLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BlockDeltaLinear)}
 
 
 def lora_factors(layer: BlockDeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +34,10 @@ def lora_factors(layer: BlockDeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
     return one_hot, delta[:, idx].contiguous()
 
 
-class SMTMethod(Method):
+class SMTMethod(LayerMethod):
     id = "smt"
     config_class = SMTConfig
+    layer_class = BlockDeltaLinear
     paper = "SMT (He et al., ICLR 2025, arXiv 2405.15525)"
 
     def calibration_batches(self, config: SMTConfig) -> int:
@@ -71,7 +68,7 @@ class SMTMethod(Method):
             replace_module(model, name, BlockDeltaLinear(base, rows_cols[0], rows_cols[1], config.block_size))
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = {f"{name}.delta": layer.delta for name, layer in _block_layers(model).items()}
+        out = super().state_dict(model)
         if model.subtune_state.config.warmup_updates:  # the warm-up changed the base: it travels with the adapter
             out.update({f"{WARMED_BASE}{k}": v for k, v in model.state_dict().items() if not k.endswith(".delta")})
         return out
@@ -82,28 +79,7 @@ class SMTMethod(Method):
             result = model.load_state_dict(base, strict=False)
             if result.unexpected_keys:
                 raise AdapterLoadError(f"smt warmed-up base does not fit: unexpected {result.unexpected_keys[:3]}")
-            tensors = {k: v for k, v in tensors.items() if not k.startswith(WARMED_BASE)}
-        layers = _block_layers(model)
-        expected = {f"{n}.delta" for n in layers}
-        if set(tensors) != expected:
-            raise AdapterLoadError(f"smt tensors do not match the selection: missing "
-                                   f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.delta.copy_(tensors[f"{name}.delta"])
-
-    def merge(self, model: nn.Module) -> None:
-        for layer in _block_layers(model).values():
-            layer.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for layer in _block_layers(model).values():
-            layer.unmerge()
-
-    def unload(self, model: nn.Module) -> None:
-        for name, layer in _block_layers(model).items():
-            layer.merge()
-            replace_module(model, name, layer.base_layer)
+        super().load_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(WARMED_BASE)})
 
     def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         state = model.subtune_state
@@ -112,7 +88,7 @@ class SMTMethod(Method):
 
             raise ExportError("this SMT adapter was selected with warmup_updates=True, which changed every base weight; "
                               "no LoRA is exact against the original base. Export a merged model instead.")
-        factors = {name: lora_factors(layer) for name, layer in _block_layers(model).items()}
+        factors = {name: lora_factors(layer) for name, layer in self.layers(model).items()}
         return write_lora_factors(directory, factors, base_name=state.base_name, max_rank=max_rank,
                                   fallback=fallback)
 
