@@ -75,3 +75,16 @@ def lm_loss(model, input_ids):
     """Next-token loss in the logits' own dtype (HF's loss upcasts to fp32, which caps float64 comparisons at ~1e-9)."""
     logits = model(input_ids=input_ids).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+
+class CharTokenizer:
+    """A tokenizer stand-in (one id per character) for Trainer tests that need no real vocabulary."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, keep_last: int | None = None):
+        self.keep_last = keep_last
+
+    def __call__(self, text, add_special_tokens=False):
+        text = text[-self.keep_last:] if self.keep_last else text
+        return type("Encoding", (), {"input_ids": [3 + ord(c) % 60 for c in text]})()

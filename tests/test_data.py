@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+from conftest import CharTokenizer
+
 from subtune.core.errors import DataError
 from subtune.data.loaders import CausalCollator, encode_record, load_records
 from subtune.data.prompts import build_prompt
@@ -42,15 +44,8 @@ def test_unknown_data_name_lists_embedded_tasks():
         load_records("no-such-task")
 
 
-class _CharTokenizer:
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": [3 + ord(c) % 50 for c in text]})()
-
-
 def test_prompt_tokens_are_masked_and_padding_is_ignored():
-    tok = _CharTokenizer()
+    tok = CharTokenizer()
     rec = {"instruction": "add", "input": "", "output": "42"}
     enc = encode_record(tok, rec)
     n_prompt = 1 + len(build_prompt("add"))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import lm_loss, make_tiny, perturb_trainable
+from conftest import CharTokenizer, lm_loss, make_tiny, perturb_trainable
 
 import subtune
 from subtune.methods.lamda import PMBFreezer
@@ -110,9 +110,7 @@ def test_trainer_callback_freezes_b_during_hf_training(tmp_path):
     from subtune.train.trainer import build_trainer
 
     model = subtune.prepare(make_tiny(0), subtune.LaMDAConfig(r=2, freeze_fraction=0.5))
-    tok = type("Tok", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-                           "__call__": lambda self, text, add_special_tokens=False: type(
-                               "E", (), {"input_ids": [3 + ord(c) % 60 for c in text[:20]]})()})()
+    tok = CharTokenizer()
     records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(16)]
     trainer = build_trainer(model, tok, records, tmp_path, max_steps=6, batch_size=4, learning_rate=1e-2,
                             save_steps=100, progress=False)

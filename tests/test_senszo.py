@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import CharTokenizer, make_tiny
 
 import subtune
 from subtune.ops.sparse import DenseAndSparseLinear, dequantized_weight
@@ -109,9 +109,7 @@ def test_senszo_on_a_4bit_base_trains_with_the_hf_trainer_and_replays(tmp_path):
     subtune.prepare(model, config)
     assert all(type(m.dense).__name__ == "Linear4bit" for m in model.modules() if isinstance(m, DenseAndSparseLinear))
     initial = [v.clone() for v in model.subtune_state.method.zo_tensors(model)]
-    tok = type("Tok", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-                           "__call__": lambda self, text, add_special_tokens=False: type(
-                               "E", (), {"input_ids": [3 + ord(c) % 60 for c in text[:24]]})()})()
+    tok = CharTokenizer()
     records = [{"instruction": f"say {i}", "output": f"value {i % 3}"} for i in range(16)]
     trainer = build_trainer(model, tok, records, tmp_path, max_steps=4, batch_size=4, learning_rate=1e-3,
                             save_steps=2, progress=False)
@@ -145,9 +143,7 @@ def test_choice_objective_is_cross_entropy_over_candidate_mean_log_likelihoods()
     from subtune.data.loaders import ChoiceCollator, encode_choice_record
     from subtune.train.zo import choice_loss
 
-    tok = type("Tok", (), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-                           "__call__": lambda self, text, add_special_tokens=False: type(
-                               "E", (), {"input_ids": [3 + ord(c) % 60 for c in text[-12:]]})()})()
+    tok = CharTokenizer(keep_last=12)
     records = [{"instruction": "pick", "output": "the answer is Ostra", "answer": "Ostra",
                 "choices": ["Brask", "Ostra", "Umber"]},
                {"instruction": "pick2", "output": "Tesk", "answer": "Tesk", "choices": ["Tesk", "Ivory"]}]

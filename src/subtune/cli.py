@@ -76,7 +76,7 @@ def methods() -> None:
 @click.option("--output", default=None, help="run directory [runs/<method>]")
 @click.option("--max-steps", type=int, default=-1, show_default=True, help="-1: run --epochs")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--lr", type=float, default=None, help="learning rate [2e-4; full: 2e-5]")
+@click.option("--lr", type=float, default=None, help="learning rate [the method's default_lr]")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--grad-accum", type=int, default=1, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
@@ -104,7 +104,9 @@ def train(ctx, method, model_name, data, config_file, output, max_steps, epochs,
         raise click.ClickException(f"--resume: no checkpoint-* directory in {output}")
     model, tokenizer = load_model(model_name, dtype)
     click.echo(f"method {method}: {config.to_json()}")
-    lr = lr if lr is not None else (2e-5 if method == "full" else 2e-4)
+    from subtune.core.method import get_method
+
+    lr = lr if lr is not None else get_method(method).default_lr
     model, _ = finetune(model, tokenizer, config, records, output, resume=resume, max_steps=max_steps, epochs=epochs,
                         learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum, bf16=dtype == "bf16",
                         seed=seed, max_length=max_length, save_steps=save_steps,

@@ -33,6 +33,7 @@ class Method(ABC):
     id: str = ""
     config_class: type[MethodConfig] = MethodConfig
     paper: str = ""
+    default_lr: float = 2e-4  # the CLI's learning rate when --lr is not given
 
     def calibration_batches(self, config: MethodConfig) -> int:
         """How many calibration batches `select` reads (0: it needs no data)."""

@@ -22,6 +22,7 @@ class FullMethod(Method):
     id = "full"
     config_class = FullConfig
     paper = "baseline"
+    default_lr = 2e-5
 
     def attach(self, model: nn.Module, config: FullConfig, selection: Selection) -> None:
         embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}

@@ -20,6 +20,8 @@ class LaMDAMethod(LayerMethod):
     layer_class = LowDimLinear
     value_names = ("lora_B", "lora_S")  # S is always saved (the released code loses it)
 
+    default_lr = 1e-3  # spec P9: orthonormal projections need a larger step than LoRA; sweep 1e-4..1e-3
+
     def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str):
         self.id, self.config_class, self.paper = method_id, config_class, paper
 

@@ -39,6 +39,7 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
     layer_class = DenseAndSparseLinear
     value_names = ("values",)
     paper = "SensZOQ (Guo et al., ICLR 2025, arXiv 2406.02913)"
+    default_lr = 1e-5  # sparse ZO tolerates a larger lr than MeZO (spec pitfall 10)
 
     def calibration_batches(self, config: SensZOConfig) -> int:
         return 0 if config.mask_path or config.mask_source != "sensitivity" else config.calibration_samples
@@ -70,6 +71,7 @@ class MeZOMethod(ZerothOrderMixin, FullMethod):
     id = "mezo"
     config_class = MeZOConfig
     paper = "MeZO (Malladi et al., NeurIPS 2023, arXiv 2305.17333)"
+    default_lr = 1e-6
     exact_restore = False  # a copy of every weight would double memory; z is regenerated instead
 
     def attach(self, model: nn.Module, config: MeZOConfig, selection: Selection) -> None:
