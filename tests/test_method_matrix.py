@@ -151,9 +151,16 @@ def test_preparing_twice_is_refused(method_id, batch):
         subtune.prepare(model, CASES[method_id]["config"](), calibration=calibration(batch))
 
 
-def test_lora_reloaded_in_a_fresh_process_gives_identical_logits(batch, tmp_path):
+def test_lora_trained_with_the_trainer_reloads_in_a_fresh_process_with_identical_logits(batch, tmp_path):
+    from conftest import CharTokenizer
+
+    from subtune.train.trainer import build_trainer
+
     model = prepared("lora", batch)
-    perturb_trainable(model)
+    records = [{"instruction": f"question {i}", "output": f"answer {i % 4}"} for i in range(16)]
+    build_trainer(model, CharTokenizer(), records, tmp_path / "run", max_steps=3, batch_size=8, learning_rate=1e-2,
+                  save_steps=100, progress=False).train()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # B moved off zero
     torch.save(batch["input_ids"], tmp_path / "ids.pt")  # test-only file, written and read by this test
     subtune.save(model, tmp_path / "adapter")
     script = textwrap.dedent(f"""

@@ -183,7 +183,7 @@ def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpoint
 
     methods_ = [m.strip() for m in method_list.split(",") if m.strip()]
     for m in methods_:
-        get_method(m)  # unknown ids fail here, before any run
+        get_method(m.partition("@")[0])  # unknown ids fail here, before any run
     if device == "cuda":
         import torch
 

@@ -56,7 +56,7 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
 
     spec.budget = spec.budget or default_budget(spec.preset)
     kinds = list(spec.methods) + FLOORS
-    zo_methods = [m for m in spec.methods if getattr(get_method(m), "zeroth_order", False)]
+    zo_methods = [m for m in spec.methods if getattr(get_method(m.partition("@")[0]), "zeroth_order", False)]
     if zo_methods:
         kinds.append(ZO_FLOOR)
         # a ZO method's own base (e.g. SensZOQ's 4-bit model) has its own floors: one and two inference forwards

@@ -4,6 +4,7 @@ Prints one JSON line with the measurements. Kinds: a method id, or a floor:
   floor:inference        forward only, no graph
   floor:frozen_backward  forward + backward with every weight frozen and the input embeddings requiring grad
   floor:zo_two_forwards  two inference forwards (what a zeroth-order step must pay)
+A method may name a phase after '@' (e.g. lamda@b_frozen: LaMDA once B is frozen).
 A floor may name a method after '+' (e.g. floor:inference+senszo): it is measured on the model that method prepared
 (for SensZOQ, the 4-bit base). Memory: `peak_mib` is the peak during the timed and warm-up steps above the RSS right
 after the model was built (selection and warm-up transients excluded); `total_peak_mib` is the absolute peak.
@@ -100,12 +101,15 @@ def run(spec: dict) -> dict:
 
     optimizer, trainable = None, 0
     floor, _, prepared_with = kind.partition("+") if kind.startswith("floor:") else ("", "", kind)
+    prepared_with, _, variant = prepared_with.partition("@")  # e.g. lamda@b_frozen
     if prepared_with:  # a method, or a floor measured on a model prepared by a method (e.g. the 4-bit base)
         method = subtune.get_method(prepared_with)
         method_config = method.config_for_budget(config, spec["budget"]) if spec.get("budget") else \
             method.config_class()
         calibration = [{"input_ids": ids, "labels": ids}] * method.calibration_batches(method_config) or None
         subtune.prepare(model, method_config, calibration=calibration)
+        if variant:
+            method.benchmark_variant(model, variant)
         if spec["grad_checkpointing"]:
             model.enable_input_require_grads()
         trainable = subtune.trainable_summary(model).trainable if not floor else 0

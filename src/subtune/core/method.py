@@ -51,6 +51,10 @@ class Method(ABC):
         compare methods at equal budget). Methods without a budget knob return their defaults."""
         return self.config_class()
 
+    def benchmark_variant(self, model: nn.Module, variant: str) -> None:
+        """Put a prepared model in a named training phase for the benchmark (e.g. LaMDA after B is frozen)."""
+        raise ValueError(f"method {self.id!r} has no benchmark variant {variant!r}")
+
     def callbacks(self, model: nn.Module, config: MethodConfig) -> list:
         """HF TrainerCallbacks this method needs during training (none by default)."""
         return []

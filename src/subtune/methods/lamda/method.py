@@ -47,7 +47,7 @@ class LaMDAMethod(LayerMethod):
             f = init_factors(module.weight, r, config.init, config.lora_alpha / r, generator)
             tensors[f"{name}.A"] = f["A"]
             tensors[f"{name}.B0"] = f["B"]
-            tensors[f"{name}.S0"] = f["S"]
+            tensors[f"{name}.S0"] = f["S"]  # B0, S0 are kept only for residual inits (see attach)
         info = {"ranks": ranks, "init": config.init}
         if isinstance(config, LaMDAPlusConfig):
             info["rank_budget"] = config.r * len(targets)
@@ -55,15 +55,32 @@ class LaMDAMethod(LayerMethod):
 
     def attach(self, model: nn.Module, config: LaMDAConfig, selection: Selection) -> None:
         ranks = selection.info["ranks"]
+        residual_init = config.init in ("svd_identity_residual", "svd_sigma_residual")
         for name, r in ranks.items():
             base = model.get_submodule(name)
-            a, b0, s0 = (selection.tensors[f"{name}.{k}"] for k in ("A", "B0", "S0"))
+            a = selection.tensors[f"{name}.A"]
+            # on load, a pure-delta adapter has no B0/S0: B and S come from the saved values right after
+            b0 = selection.tensors.get(f"{name}.B0", torch.zeros(base.out_features, r))
+            s0 = selection.tensors.get(f"{name}.S0", torch.zeros(r, r))
             scaling = config.lora_alpha / r
-            if config.init in ("svd_identity_residual", "svd_sigma_residual"):
+            if residual_init:
                 with torch.no_grad():  # move the principal part out of W: the model is unchanged at init
                     residual = (scaling * (b0.double() @ s0.double() @ a.double())).to(base.weight.dtype)
                     base.weight.sub_(residual.to(base.weight.device))
-            replace_module(model, name, LowDimLinear(base, a, b0, s0, scaling))
+            layer = LowDimLinear(base, a, b0, s0, scaling)
+            replace_module(model, name, layer)
+            # keep no second copy: the saved A is the layer's buffer; B0 S0 matter only for residual inits
+            selection.tensors[f"{name}.A"] = layer.lora_A
+            if not residual_init:
+                selection.tensors.pop(f"{name}.B0", None)
+                selection.tensors.pop(f"{name}.S0", None)
+
+    def benchmark_variant(self, model: nn.Module, variant: str) -> None:
+        """`b_frozen`: the steady state after the PMB phase (only S trains)."""
+        if variant != "b_frozen":
+            super().benchmark_variant(model, variant)
+        for layer in self.layers(model).values():
+            layer.lora_B.requires_grad_(False)
 
     def callbacks(self, model: nn.Module, config: LaMDAConfig) -> list:
         return [PMBFreezeCallback(model, config)]
