@@ -72,7 +72,8 @@ def methods() -> None:
 @click.option("--method", required=True, help="method id (see `subtune methods`)")
 @click.option("--model", "model_name", default="default", show_default=True, help="'default' or a local HF directory")
 @click.option("--data", default="arithmetic", show_default=True, help="embedded task name or a .json/.jsonl file")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML/JSON with method and train keys")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML/JSON file of method config fields (CLI --key value wins)")
 @click.option("--output", default=None, help="run directory [runs/<method>]")
 @click.option("--max-steps", type=int, default=-1, show_default=True, help="-1: run --epochs")
 @click.option("--epochs", type=float, default=1.0, show_default=True)

@@ -69,8 +69,8 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, warmup_steps=warmup,
         lr_scheduler_type="linear", weight_decay=0.0, bf16=bf16, seed=seed, logging_steps=logging_steps,
         save_steps=save_steps, save_total_limit=2, report_to="none", remove_unused_columns=False,
-        disable_tqdm=not progress, gradient_checkpointing=gradient_checkpointing, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(), **extra_args,
+        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        **({"gradient_checkpointing": True} if gradient_checkpointing else {}), **extra_args,
     )
     trainer_cls = state.method.trainer_class()
     callbacks = [AdapterCheckpointCallback(model), ThroughputCallback(), *state.method.callbacks(model, state.config)]
