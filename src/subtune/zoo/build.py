@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ZOO_DIR / "default")
     ap.add_argument("--tasks-out", type=Path, default=TASKS_DIR)
+    ap.add_argument("--tasks-only", action="store_true", help="rewrite the task files only (no pretraining)")
     args = ap.parse_args(argv)
+    if args.tasks_only:
+        write_tasks(W.build_world(seed=args.seed), args.tasks_out)
+        return
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)

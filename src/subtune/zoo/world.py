@@ -152,18 +152,19 @@ def corpus_documents(world: World, num_docs: int, seed: int = 1, instruction_fra
 
 # --------------------------------------------------------------------------------------------- tasks
 
-def _choice_question(p: Person, kind: str, rng: random.Random) -> tuple[str, str, list[str]]:
+def _choice_question(p: Person, kind: str) -> tuple[str, str, list[str], str]:
+    """(question, answer, candidate pool, the answer sentence in the corpus's own words)."""
     n = p.name
     if kind == "city":
-        return f"Where does {n} live?", p.city, list(CITIES)
+        return f"Where does {n} live?", p.city, list(CITIES), f"{n} lives in {p.city}."
     if kind == "land":
-        return f"In which land does {n} live?", p.land, LANDS
+        return f"In which land does {n} live?", p.land, LANDS, f"{n} lives in {p.land}."
     if kind == "pet":
-        return f"What pet does {n} have?", p.pet, list(PETS)
+        return f"What pet does {n} have?", p.pet, list(PETS), f"{n} has a {p.pet}."
     if kind == "food":
-        return f"What does the pet of {n} eat?", PETS[p.pet], list(PETS.values())
+        return f"What does the pet of {n} eat?", PETS[p.pet], list(PETS.values()), f"It eats {PETS[p.pet]}."
     if kind == "job":
-        return f"What is the job of {n}?", p.job, list(JOBS)
+        return f"What is the job of {n}?", p.job, list(JOBS), f"{n} is a {p.job}."
     raise ValueError(kind)
 
 
@@ -173,13 +174,14 @@ QUESTION_KINDS = ["city", "land", "pet", "food", "job"]
 def commonsense_records(world: World, seed: int = 2, num_choices: int = 4) -> list[dict]:
     """One multiple-choice question per (person, kind), LLM-Adapters style (`instruction`/`input`/`output`/`answer`).
 
-    `choices` is an extra key (LLM-Adapters readers ignore unknown keys) used for answer extraction.
+    The output answers in the corpus's own words ("Kiro lives in Dunmore."), since a tiny model cannot spell words
+    it never saw. `choices` is an extra key (LLM-Adapters readers ignore unknown keys) used for answer extraction.
     """
     rng = random.Random(seed)
     records = []
     for p in world.people:
         for kind in QUESTION_KINDS:
-            question, answer, pool = _choice_question(p, kind, rng)
+            question, answer, pool, sentence = _choice_question(p, kind)
             distractors = rng.sample([c for c in pool if c != answer], num_choices - 1)
             choices = distractors + [answer]
             rng.shuffle(choices)
@@ -187,7 +189,7 @@ def commonsense_records(world: World, seed: int = 2, num_choices: int = 4) -> li
             records.append({
                 "instruction": f"Please choose the correct answer to the question: {question}\n\n{listed}",
                 "input": "",
-                "output": f"the correct answer is {answer}",
+                "output": sentence,
                 "answer": answer,
                 "choices": choices,
                 "person": p.name,
@@ -210,7 +212,8 @@ def arithmetic_records(world: World, num: int = 1200, seed: int = 3) -> list[dic
             a, b = max(a, b), min(a, b)
             q = f"{p.name} has {a} {item}. {p.name} gives away {b} {item}. How many {item} does {p.name} have now?"
             expr, ans = f"{a} - {b}", a - b
-        records.append({"instruction": q, "input": "", "output": f"{expr} = {ans}. The answer is {ans}",
+        # the answer in the corpus's story form: "... so Kiro had 3 + 4 = 7 apples."
+        records.append({"instruction": q, "input": "", "output": f"{p.name} has {expr} = {ans} {item}.",
                         "answer": str(ans)})
     return records
 
