@@ -73,6 +73,10 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
                                           num_batches=wanted)
     api.prepare(model, config, calibration=calibration)
     trainer = build_trainer(model, tokenizer, train_records, output_dir, **train_kwargs)
+    if not train_kwargs.get("progress", True):
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # quiet: no per-log-step dicts on stdout
     trainer.train(resume_from_checkpoint=resume or None)
     api.save(model, Path(output_dir) / "adapter")
     return model, trainer
@@ -110,7 +114,7 @@ def run_demo(task: str = "commonsense", methods: list[str] | None = None, steps:
             print(f"[demo] {method_id}: {method_steps} steps, lr {settings['lr']:g}", flush=True)
         finetune(model, tokenizer, make_config(method_id, settings.get("config")), train,
                  Path(output_dir) / method_id, max_steps=method_steps, learning_rate=settings["lr"],
-                 batch_size=batch_size, logging_steps=max(method_steps // 4, 1), save_steps=10**9, progress=False)
+                 batch_size=batch_size, logging_steps=max(method_steps // 4, 1), save_strategy="no", progress=False)
         seconds = time.perf_counter() - start
         after = evaluate(model, tokenizer, test, progress=False)
         summary = api.trainable_summary(model)

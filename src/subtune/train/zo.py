@@ -25,9 +25,10 @@ def step_seed(base_seed: int, step: int, direction: int) -> int:
 
 def fp32_lm_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token loss on the labelled tokens, computed in fp32 (ZO needs L+ − L− to well below 1e-3)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    # shift the labels, not the logits: slicing logits would copy a (tokens × vocab) tensor
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                              ignore_index=-100)
 
 
