@@ -122,16 +122,17 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in report["results"] if "error" not in r]
-    names = [r["kind"].replace("floor:", "floor\n") for r in ok]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(ok)), 4))
+    ok = [r for r in report["results"] if "error" not in r][::-1]  # first method on top
+    names = [r["kind"] for r in ok]
+    colors = ["#999999" if r["kind"].startswith("floor") else "#3b6ea8" for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(ok) + 1.2), sharey=True)
     for ax, key, label in [(axes[0], "median_s", "s / step (median)"), (axes[1], "peak_mib", "peak MiB above load")]:
-        colors = ["#999999" if r["kind"].startswith("floor") else "#3b6ea8" for r in ok]
-        ax.bar(names, [r[key] for r in ok], color=colors)
+        ax.barh(names, [r[key] for r in ok], color=colors)
         ax.set_title(label)
-        ax.tick_params(axis="x", labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
     spec = report["spec"]
-    fig.suptitle(f"{spec['preset']} · batch {spec['batch']}×{spec['seq']} · {spec['dtype']} · {spec['device']}")
+    fig.suptitle(f"{spec['preset']} · batch {spec['batch']}×{spec['seq']} · {spec['dtype']} · {spec['device']} "
+                 "(grey: floors)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
