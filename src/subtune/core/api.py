@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from subtune import __version__
@@ -194,7 +193,3 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         trainable=n, base=base, optimizer_state_bytes=8 * n,
         gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
     )
-
-
-def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from subtune.core.config import LLAMA_LINEARS
@@ -34,13 +32,6 @@ def _get(module: nn.Module, dotted: str):
         if module is None:
             return None
     return module
-
-
-def layer_index(name: str) -> int:
-    match = re.search(r"\.layers\.(\d+)\.", name)
-    if match is None:
-        raise ValueError(f"{name!r} is not inside a decoder layer")
-    return int(match.group(1))
 
 
 def find_targets(model: nn.Module, target_modules: list[str], kinds: tuple[type, ...] = (nn.Linear,)
