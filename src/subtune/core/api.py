@@ -57,10 +57,14 @@ def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] 
         raise SubtuneError(
             f"method {method.id!r} selects what to train from data: pass calibration=<iterable of batches> "
             "(dicts with input_ids, attention_mask, labels)")
-    base = _attach_state(model, method, config, Selection())
-    base.selection = method.select(model, config, calibration)
-    freeze(model)
-    method.attach(model, config, base.selection)
+    state = _attach_state(model, method, config, Selection())  # the fingerprint is taken before any change
+    try:
+        state.selection = method.select(model, config, calibration)
+        freeze(model)
+        method.attach(model, config, state.selection)
+    except BaseException:
+        delattr(model, STATE_ATTR)  # a failed prepare leaves no half-attached state behind
+        raise
     return model
 
 
