@@ -46,11 +46,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="commonsense")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr-senszo", type=float, default=3e-3)
     ap.add_argument("--lr-mezo", type=float, default=3e-5)
-    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--quantize", default="nf4")
+    ap.add_argument("--calibration", type=int, default=100, help="corpus windows for the sensitivity mask")
     args = ap.parse_args()
 
     train = load_records(args.task, "train")
@@ -59,7 +60,8 @@ def main() -> None:
     print(f"zero-shot: generation {evaluate(base, tokenizer, test, progress=False).accuracy:.3f}, "
           f"choice {choice_accuracy(base, tokenizer, test):.3f}")
     arms = {
-        "senszo (0.1% sensitive)": (subtune.SensZOConfig(quantize=args.quantize, objective="choice"), args.lr_senszo),
+        "senszo (0.1% sensitive)": (subtune.SensZOConfig(quantize=args.quantize, objective="choice",
+                                                         calibration_samples=args.calibration), args.lr_senszo),
         "random 0.1% mask": (subtune.SensZOConfig(quantize=args.quantize, mask_source="random", objective="choice"),
                              args.lr_senszo),
         "mezo (all weights)": (subtune.MeZOConfig(objective="choice"), args.lr_mezo),
