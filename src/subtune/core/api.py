@@ -176,7 +176,7 @@ def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fa
 class TrainableSummary:
     trainable: int
     base: int
-    optimizer_state_bytes: int  # AdamW: two fp32 moments per trainable value
+    optimizer_state_bytes: int  # AdamW: two fp32 moments per trainable value (none for zeroth-order methods)
     gradient_bytes: int
 
     @property
@@ -193,7 +193,8 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     n = sum(p.numel() for p in trainable)
     state = getattr(model, STATE_ATTR, None)
     base = state.base_parameters if state else sum(p.numel() for p in model.parameters())
+    zeroth_order = bool(state and getattr(state.method, "zeroth_order", False))  # SPSA keeps no optimizer state
     return TrainableSummary(
-        trainable=n, base=base, optimizer_state_bytes=8 * n,
+        trainable=n, base=base, optimizer_state_bytes=0 if zeroth_order else 8 * n,
         gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
     )
