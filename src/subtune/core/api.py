@@ -196,5 +196,5 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     zeroth_order = bool(state and getattr(state.method, "zeroth_order", False))  # SPSA keeps no optimizer state
     return TrainableSummary(
         trainable=n, base=base, optimizer_state_bytes=0 if zeroth_order else 8 * n,
-        gradient_bytes=sum(p.numel() * p.element_size() for p in trainable),
+        gradient_bytes=0 if zeroth_order else sum(p.numel() * p.element_size() for p in trainable),
     )
