@@ -2,7 +2,7 @@ import json
 
 from subtune.bench import BenchSpec, run_bench, write_outputs
 
-NUMBERS = ("median_s", "min_s", "max_s", "tokens_per_s", "peak_mib", "baseline_mib")
+NUMBERS = ("median_s", "min_s", "max_s", "cpu_median_s", "cpu_min_s", "tokens_per_s", "peak_mib", "baseline_mib")
 
 
 def test_bench_on_the_tiny_preset_writes_table_json_png(tmp_path):
@@ -24,5 +24,6 @@ def test_bench_on_the_tiny_preset_writes_table_json_png(tmp_path):
     assert by_kind["full"]["trainable"] == by_kind["full"]["base_parameters"]
     floor, full = by_kind["floor:frozen_backward"], by_kind["full"]
     assert floor["peak_mib"] <= full["peak_mib"]
-    assert floor["min_s"] <= full["min_s"]  # the fastest step: robust to the shared machine's jitter
+    # CPU seconds of the cheapest step: wall time on a shared machine jumps when another process takes the cores
+    assert floor["cpu_min_s"] <= full["cpu_min_s"]
     assert paths["png"].stat().st_size > 1000 and "| full |" in paths["md"].read_text()

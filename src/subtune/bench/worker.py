@@ -145,17 +145,19 @@ def run(spec: dict) -> dict:
     for _ in range(spec["warmup"]):
         step()
     _sync(device)
-    times = []
+    times, cpu_times = [], []
     for _ in range(spec["steps"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # CPU seconds: immune to being descheduled
     result = {
         "kind": kind, "trainable": trainable,
         "optimizer_state_mib": (sum(t.numel() * t.element_size() for s in optimizer.state.values()
                                     for t in s.values() if torch.is_tensor(t)) / 2**20) if optimizer else 0.0,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        "cpu_median_s": statistics.median(cpu_times), "cpu_min_s": min(cpu_times),
         "tokens_per_s": spec["batch"] * spec["seq"] / statistics.median(times),
         "base_parameters": (model.subtune_state.base_parameters if hasattr(model, "subtune_state")
                             else sum(p.numel() for p in model.parameters())),
