@@ -64,6 +64,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def wrap_linear(model: nn.Module, name: str, make_layer) -> nn.Module:
+    """Replace the nn.Linear at `name` by `make_layer(linear)`; a clear error if it is not an nn.Linear (e.g. an
+    adapter saved for another architecture, or a model quantised before `prepare`)."""
+    base = model.get_submodule(name)
+    if not isinstance(base, nn.Linear):
+        raise ModelLayoutError(f"{name} is {type(base).__name__}, expected nn.Linear; prepare the plain (unquantised, "
+                               "un-adapted) base model")
+    layer = make_layer(base)
+    replace_module(model, name, layer)
+    return layer
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

@@ -6,10 +6,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from subtune.core.errors import AdapterLoadError
 from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
-from subtune.core.surgery import decoder_layers, replace_module
+from subtune.core.surgery import decoder_layers, wrap_linear
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.methods.s2ft.select import components, is_gqa, select_units
 from subtune.ops.sliced import INPUT_COLUMNS, SlicedDeltaLinear
@@ -72,11 +71,9 @@ class S2FTMethod(LayerMethod):
             paths = [path]
             if comp.module == comps["up_proj"].module and config.train_gate_with_up:
                 paths.append(path.replace("up_proj", "gate_proj"))
+            index = _expand(units, comp.unit_size)
             for p in paths:
-                base = model.get_submodule(p)
-                if not isinstance(base, nn.Linear):
-                    raise AdapterLoadError(f"s2ft: {p} is {type(base).__name__}, expected nn.Linear")
-                replace_module(model, p, SlicedDeltaLinear(base, _expand(units, comp.unit_size), comp.kind))
+                wrap_linear(model, p, lambda base: SlicedDeltaLinear(base, index, comp.kind))
 
     def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
         """Exact one-hot LoRA (spec §7): rank = selected columns/rows, lora_alpha = rank, so scale is 1."""

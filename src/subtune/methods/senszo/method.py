@@ -3,9 +3,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from subtune.core.errors import AdapterLoadError
 from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.surgery import find_targets, replace_module
+from subtune.core.surgery import find_targets, wrap_linear
 from subtune.methods.full.method import FullMethod
 from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
 from subtune.methods.senszo.mask import compute_mask
@@ -53,11 +52,8 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
 
     def attach(self, model: nn.Module, config: SensZOConfig, selection: Selection) -> None:
         for key, index in selection.tensors.items():
-            name = key.removesuffix(".index")
-            base = model.get_submodule(name)
-            if not isinstance(base, nn.Linear):
-                raise AdapterLoadError(f"senszo: {name} is {type(base).__name__}, expected nn.Linear")
-            replace_module(model, name, DenseAndSparseLinear(base, index, config.quantize))
+            wrap_linear(model, key.removesuffix(".index"),
+                        lambda base, index=index: DenseAndSparseLinear(base, index, config.quantize))
         for layer in self.layers(model).values():
             layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
 

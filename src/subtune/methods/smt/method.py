@@ -9,7 +9,7 @@ from torch import nn
 from subtune.core.errors import AdapterLoadError
 from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
-from subtune.core.surgery import replace_module
+from subtune.core.surgery import wrap_linear
 from subtune.methods.smt.config import SMTConfig
 from subtune.methods.smt.select import select_blocks, total_blocks
 from subtune.ops.block_sparse import BlockDeltaLinear
@@ -61,12 +61,9 @@ class SMTMethod(LayerMethod):
         return Selection(tensors, info)
 
     def attach(self, model: nn.Module, config: SMTConfig, selection: Selection) -> None:
-        for key, rows_cols in selection.tensors.items():
-            name = key.removesuffix(".blocks")
-            base = model.get_submodule(name)
-            if not isinstance(base, nn.Linear):
-                raise AdapterLoadError(f"smt: {name} is {type(base).__name__}, expected nn.Linear")
-            replace_module(model, name, BlockDeltaLinear(base, rows_cols[0], rows_cols[1], config.block_size))
+        for key, rc in selection.tensors.items():
+            wrap_linear(model, key.removesuffix(".blocks"),
+                        lambda base, rc=rc: BlockDeltaLinear(base, rc[0], rc[1], config.block_size))
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         out = super().state_dict(model)
