@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.core.deltas import Delta
 from subtune.ops.base import WrappedLinear
 from subtune.ops.sliced import master_dtype
 
@@ -69,7 +70,11 @@ class _BlockDelta(torch.autograd.Function):
 
 
 class BlockDeltaLinear(WrappedLinear):
-    """Wraps a frozen nn.Linear and trains a zero-initialised fp32 update of the given (row, col) blocks."""
+    """Wraps a frozen nn.Linear and trains a zero-initialised fp32 update of the given (row, col) blocks.
+
+    Its update is `Delta.blocks`; `merge()` (from WrappedLinear) keeps only the original entries of the selected
+    blocks (inside the matrix), so `unmerge()` restores the base bit for bit, even in bf16.
+    """
 
     def __init__(self, base_layer: nn.Linear, rows: torch.Tensor, cols: torch.Tensor, block_size: int,
                  dtype: torch.dtype | None = None):
@@ -93,11 +98,6 @@ class BlockDeltaLinear(WrappedLinear):
         self.register_buffer("col_pos", col_pos, persistent=False)
         dtype = dtype or master_dtype(base_layer.weight.dtype)
         self.delta = nn.Parameter(torch.zeros(rows.numel(), block_size, block_size, dtype=dtype, device=device))
-        self._original_blocks: torch.Tensor | None = None
-
-    @property
-    def merged(self) -> bool:
-        return self._original_blocks is not None
 
     def trainable_values(self) -> int:
         """Real (unpadded) entries of the selected blocks."""
@@ -112,42 +112,20 @@ class BlockDeltaLinear(WrappedLinear):
         return _BlockDelta.apply(x, self.base_layer.weight, self.base_layer.bias, self.delta, self.rows,
                                  self.col_pos, self.used_cols, self.block_size)
 
+    def as_delta(self) -> Delta:
+        """blocks(rows, cols, block_size, delta); its values are the trainable `delta`, detached (shared)."""
+        return Delta.blocks(self.rows, self.cols, self.block_size, self.delta, (self.out_features, self.in_features))
+
+    def dense_delta(self) -> torch.Tensor:
+        """The update as a full (out, in) matrix in the delta's dtype."""
+        return self.as_delta().to_dense(self.delta.dtype)
+
     def _grid(self, matrix: torch.Tensor) -> torch.Tensor:
-        """(out, in) -> padded (R, C, b, b) copy."""
+        """(out, in) -> padded (R, C, b, b) copy: a weight-shaped tensor (a dense gradient) as blocks, for tests."""
         b = self.block_size
         n_r, n_c = num_blocks(self.out_features, b), num_blocks(self.in_features, b)
         padded = F.pad(matrix, (0, n_c * b - matrix.shape[1], 0, n_r * b - matrix.shape[0]))
         return padded.view(n_r, b, n_c, b).permute(0, 2, 1, 3).contiguous()
-
-    def _ungrid(self, grid: torch.Tensor) -> torch.Tensor:
-        n_r, n_c, b, _ = grid.shape
-        return grid.permute(0, 2, 1, 3).reshape(n_r * b, n_c * b)[: self.out_features, : self.in_features]
-
-    def dense_delta(self) -> torch.Tensor:
-        """The update as a full (out, in) matrix."""
-        b = self.block_size
-        grid = torch.zeros(num_blocks(self.out_features, b), num_blocks(self.in_features, b), b, b,
-                           dtype=self.delta.dtype, device=self.delta.device)
-        grid[self.rows, self.cols] = self.delta.detach()
-        return self._ungrid(grid)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        self._original_blocks = self._grid(weight)[self.rows, self.cols].clone()
-        weight.add_(self.dense_delta().to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        grid = self._grid(weight)
-        grid[self.rows, self.cols] = self._original_blocks
-        weight.copy_(self._ungrid(grid))
-        self._original_blocks = None
 
     def extra_repr(self) -> str:
         return f"blocks={self.rows.numel()}, block_size={self.block_size}, in={self.in_features}, out={self.out_features}"

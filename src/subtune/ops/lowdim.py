@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.core.deltas import Delta
 from subtune.ops.base import WrappedLinear
 from subtune.ops.sliced import master_dtype
 
@@ -31,15 +32,10 @@ class LowDimLinear(WrappedLinear):
         self.lora_S = nn.Parameter(s.to(device, dtype).clone())  # trainable core (LDA)
         self.lora_B = nn.Parameter(b.to(device, dtype).clone())  # trained, then gradually frozen (PMB)
         self.scaling = float(scaling)
-        self._merged_delta: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.lora_S.shape[0]
-
-    @property
-    def merged(self) -> bool:
-        return self._merged_delta is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -50,25 +46,18 @@ class LowDimLinear(WrappedLinear):
         u = F.linear(h, self.lora_S)
         return y + (F.linear(u, self.lora_B) * self.scaling).to(y.dtype)
 
+    def as_delta(self) -> Delta:
+        """lowrank(A, B S, scaling): this layer's own term s · B S A, detached.
+
+        A is shared with the buffer; B S is a fresh product. With a residual init (the base already holds
+        W − s · B₀ S₀ A) this is still only the layer's own term: the method subtracts B₀ S₀ for the adapter record.
+        Merging it keeps a copy of the whole weight (the only way to unmerge bit for bit).
+        """
+        return Delta.lowrank(self.lora_A, self.lora_B.detach() @ self.lora_S.detach(), self.scaling)
+
     def delta_weight(self) -> torch.Tensor:
         """s · B S A as an (out, in) matrix, in the master dtype."""
-        return self.scaling * (self.lora_B.detach() @ self.lora_S.detach() @ self.lora_A)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        original = weight.detach().clone()
-        weight.copy_((weight.to(self.lora_S.dtype) + self.delta_weight()).to(weight.dtype))
-        self._merged_delta = original  # keep the exact original so unmerge is bit-exact in any dtype
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base_layer.weight.copy_(self._merged_delta)
-        self._merged_delta = None
+        return self.as_delta().to_dense()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, in={self.in_features}, out={self.out_features}"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from subtune.core.deltas import Delta
 from subtune.ops.base import WrappedLinear
 
 
@@ -83,8 +84,8 @@ def sliced_delta_linear(x, weight, bias, delta, index, kind: str):
 class SlicedDeltaLinear(WrappedLinear):
     """Wraps a frozen nn.Linear; trains an fp32 delta on the given input columns or output rows.
 
-    `merge()` scatter-adds the delta into the base weight (and remembers the original slice, so `unmerge()` restores
-    it bit for bit, even in bf16).
+    Its update is `Delta.columns` / `Delta.rows`; `merge()` (from WrappedLinear) adds it into the base weight's slice
+    and keeps the original slice, so `unmerge()` restores it bit for bit, even in bf16.
     """
 
     def __init__(self, base_layer: nn.Linear, index: torch.Tensor, kind: str, dtype: torch.dtype | None = None):
@@ -102,43 +103,24 @@ class SlicedDeltaLinear(WrappedLinear):
                                                                                        base_layer.in_features)
         dtype = dtype or master_dtype(base_layer.weight.dtype)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=base_layer.weight.device))
-        self._original_slice: torch.Tensor | None = None
 
     @property
     def slice_dim(self) -> int:
         return 1 if self.kind == INPUT_COLUMNS else 0
-
-    @property
-    def merged(self) -> bool:
-        return self._original_slice is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         return sliced_delta_linear(x, self.base_layer.weight, self.base_layer.bias, self.delta, self.index, self.kind)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        weight = self.base_layer.weight
-        dim = self.slice_dim
-        self._original_slice = weight.index_select(dim, self.index).clone()
-        weight.index_add_(dim, self.index, self.delta.to(weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        dim = self.slice_dim
-        self.base_layer.weight.index_copy_(dim, self.index, self._original_slice)
-        self._original_slice = None
+    def as_delta(self) -> Delta:
+        """columns(index, delta) or rows(index, delta); its values are the trainable `delta`, detached (shared)."""
+        make = Delta.columns if self.kind == INPUT_COLUMNS else Delta.rows
+        return make(self.index, self.delta, (self.out_features, self.in_features))
 
     def dense_delta(self) -> torch.Tensor:
-        """The update as a full (out, in) matrix (for tests and export)."""
-        full = torch.zeros(self.out_features, self.in_features, dtype=self.delta.dtype, device=self.delta.device)
-        dim = self.slice_dim
-        return full.index_copy_(dim, self.index, self.delta.detach())
+        """The update as a full (out, in) matrix in the delta's dtype (for tests and export)."""
+        return self.as_delta().to_dense(self.delta.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}={self.index.numel()}, in={self.in_features}, out={self.out_features}"
