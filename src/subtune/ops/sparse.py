@@ -4,9 +4,19 @@ The positions of S are zeroed in W *before* D is built (and quantised), so no we
 exact zero code, so dequant(D) is exactly 0 there. Zeroth-order training perturbs and updates only S's values and
 never touches D's packed codes. The sparse term costs O(tokens · k): a gather of input columns and an index_add
 into output rows.
+
+The 4-bit layout is kept fixed. On a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight on the first
+eval-mode no-grad forward (every ZO step, every eval) into a CPU-only layout with bf16 block scales; from then on it
+computes in bf16 even for an fp32 base (too coarse for SPSA's L+ − L−), the repack fails unless in_features is a
+multiple of 64 and out_features of 32, and `state_dict()` converts it back in place, re-quantising the scales. We
+switch the repack off per layer: the standard layout is what CUDA and every other CPU run, costs one dequantisation
+per forward (0.33 ms for 1024×1024, 1.4% of an fp32 forward over 2,048 tokens on 2 cores), works for any width, and
+merges exactly. `dequantized_weight` still reads a layer that bitsandbytes did repack.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -20,6 +30,7 @@ def quantize_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype:
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, quant_type="nf4", compute_dtype=compute_dtype,
                               device="cpu")
+    layer.support_avx512bf16_for_cpu = False  # keep the standard layout (module docstring)
     layer.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32).contiguous(), requires_grad=False,
                                      quant_type="nf4")
     if bias is not None:
@@ -27,13 +38,40 @@ def quantize_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype:
     return layer.to(weight.device)  # quantises on .to()
 
 
-def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    weight = layer.weight
-    if getattr(weight, "quant_state", None) is not None:
-        import bitsandbytes.functional as bf
+def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense (out, in) weight `layer` computes with, in `dtype` (default: its compute dtype, as its forward uses).
 
-        return bf.dequantize_4bit(weight.data, weight.quant_state)
-    return weight.detach()
+    For a 4-bit layer this is bitsandbytes' own dequantisation, also when bitsandbytes has repacked the weight into
+    its CPU layout (then: the same codes with the bf16 block scales that layout keeps)."""
+    weight = layer.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        w = weight.detach()
+        return w if dtype is None else w.to(dtype)
+    import bitsandbytes.functional as bf
+
+    data = weight.data
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = _standard_layout(data, state)
+    state = copy.copy(state)  # never change the layer's own state
+    state.dtype = dtype or getattr(layer, "compute_dtype", None) or state.dtype
+    return bf.dequantize_4bit(data, state)
+
+
+def _standard_layout(packed: torch.Tensor, state):
+    """Codes and block scales of a weight bitsandbytes repacked for its CPU kernel, in the standard 4-bit layout.
+
+    The code permutation is undone by bitsandbytes' own inverse (on a copy of the state, and without its lossy
+    re-quantisation of the scales); the scales are the bf16 ones the repacked layer computes with."""
+    import bitsandbytes.functional as bf
+
+    scratch = copy.copy(state)
+    scratch.original_nested = False
+    codes, _ = bf._convert_weight_packed_for_cpu_inverse(packed, scratch)
+    absmax = state.absmax.T.reshape(-1).float()  # repacked: (in/blocksize, out) bf16 -> the standard block order
+    standard = bf.QuantState(absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                             quant_type=state.quant_type, dtype=state.original_dtype)
+    return codes, standard
 
 
 class DenseAndSparseLinear(WrappedLinear):
@@ -44,6 +82,8 @@ class DenseAndSparseLinear(WrappedLinear):
         flat_index = torch.as_tensor(flat_index, dtype=torch.long, device=device).sort().values
         if flat_index.numel() == 0 or flat_index[0] < 0 or flat_index[-1] >= out_f * in_f:
             raise ValueError(f"sparse positions must lie in [0, {out_f * in_f})")
+        if bool((flat_index[1:] == flat_index[:-1]).any()):
+            raise ValueError("sparse positions must be distinct (a repeated one would be counted twice)")
         self.register_buffer("rows", flat_index // in_f, persistent=False)
         self.register_buffer("cols", flat_index % in_f, persistent=False)
         weight = base_layer.weight.detach()
@@ -80,7 +120,7 @@ class DenseAndSparseLinear(WrappedLinear):
         return y.index_add(-1, self.rows, contrib.to(y.dtype))
 
     def effective_weight(self) -> torch.Tensor:
-        """dequant(D) + S as a dense (out, in) matrix in the dense part's compute dtype."""
+        """dequant(D) + S as a dense (out, in) matrix in the dense part's compute dtype (what its forward uses)."""
         w = dequantized_weight(self.dense).clone()
         w.view(-1).index_put_((self.rows * self.in_features + self.cols,), self.values.detach().to(w.dtype))
         return w

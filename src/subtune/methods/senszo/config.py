@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,10 +17,10 @@ class ZOConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.eps <= 0:
-            raise ConfigError(f"{self.method}: eps must be > 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"{self.method}: eps must be a finite number > 0, got {self.eps}; MeZO's default is 1e-3")
         if self.directions < 1:
-            raise ConfigError(f"{self.method}: directions must be >= 1")
+            raise ConfigError(f"{self.method}: directions must be >= 1, got {self.directions}; use 1 (MeZO's default)")
 
 
 @dataclass
@@ -50,7 +51,11 @@ class SensZOConfig(ZOConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"senszo: density must be in (0, 1], got {self.density}")
+        if not 0.0 < self.density <= 1.0:  # also refuses nan
+            raise ConfigError(f"senszo: density must be in (0, 1] (a share of each weight; 0 trains nothing), got "
+                              f"{self.density}; the paper uses 0.001")
         if self.calibration_samples < 1:
-            raise ConfigError("senszo: calibration_samples must be >= 1")
+            raise ConfigError(f"senszo: calibration_samples must be >= 1, got {self.calibration_samples}; the paper "
+                              "uses 100")
+        if self.mask_path is not None and not str(self.mask_path).strip():
+            raise ConfigError("senszo: mask_path is empty; give a mask file from `subtune senszo-mask`, or None")

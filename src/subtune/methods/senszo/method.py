@@ -3,11 +3,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from subtune.core.errors import AdapterLoadError, ModelLayoutError
 from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.surgery import find_targets, wrap_linear
 from subtune.methods.full.method import FullMethod
 from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
-from subtune.methods.senszo.mask import compute_mask
+from subtune.methods.senszo.mask import compute_mask, index_problem
 from subtune.ops.sparse import DenseAndSparseLinear
 from subtune.ops.zo import spsa_step
 
@@ -51,14 +52,38 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
                           "mask_source": config.mask_source if not config.mask_path else f"file:{config.mask_path}"})
 
     def attach(self, model: nn.Module, config: SensZOConfig, selection: Selection) -> None:
-        for key, index in selection.tensors.items():
-            wrap_linear(model, key.removesuffix(".index"),
-                        lambda base, index=index: DenseAndSparseLinear(base, index, config.quantize))
+        for name, index in checked_positions(model, selection).items():
+            wrap_linear(model, name, lambda base, index=index: DenseAndSparseLinear(base, index, config.quantize))
         for layer in self.layers(model).values():
             layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
 
     def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers(model).values()]
+
+
+def checked_positions(model: nn.Module, selection: Selection) -> dict[str, torch.Tensor]:
+    """The selection's positions per module, all checked before any layer is swapped (a saved adapter may have been
+    edited or made for another model): every module exists and is a Linear, every index set is valid for it."""
+    if not selection.tensors:
+        raise AdapterLoadError("senszo: the selection holds no sparse positions; re-save the adapter from a model "
+                               "prepared with SensZOConfig")
+    out = {}
+    for key, index in selection.tensors.items():
+        name = key.removesuffix(".index")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterLoadError(f"senszo: the selection names {name}, which this model lacks, so it does not fit "
+                                   "this model; load the adapter onto the base model it was trained on") from None
+        if not isinstance(module, nn.Linear):
+            raise ModelLayoutError(f"{name} is {type(module).__name__}, expected nn.Linear; use the plain "
+                                   "(unquantised, un-adapted) base model")
+        problem = index_problem(index, module.weight.numel())
+        if problem:
+            raise AdapterLoadError(f"senszo: the selection for {name} {problem}, so it does not fit this model; the "
+                                   "adapter is damaged or made for another model: re-save it from the trained model")
+        out[name] = index
+    return out
 
 
 class MeZOMethod(ZerothOrderMixin, FullMethod):
