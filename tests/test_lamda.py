@@ -153,5 +153,5 @@ def test_lamda_plus_plus_allocation_is_saved_and_printed_per_layer(tmp_path):
 
 
 def test_rank_above_the_layer_size_is_refused():
-    with pytest.raises(subtune.AdapterLoadError, match="exceeds min"):
+    with pytest.raises(subtune.ConfigError, match="exceeds min"):
         subtune.prepare(make_tiny(0), subtune.LaMDAConfig(r=40))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, LlamaConfig
 
+from subtune.core.errors import ModelNotFoundError
+
 PRESETS = {
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4),
@@ -23,5 +25,6 @@ def preset_config(name_or_path: str) -> LlamaConfig:
         return LlamaConfig(**PRESETS[name_or_path], max_position_embeddings=4096, tie_word_embeddings=False)
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"preset {name_or_path!r} is not one of {sorted(PRESETS)} or a local HF model directory")
+        raise ModelNotFoundError(f"preset {name_or_path!r} is not one of {sorted(PRESETS)} or a local HF model "
+                                 "directory with config.json")
     return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)

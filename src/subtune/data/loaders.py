@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from subtune.core.config import ConfigError
 from subtune.core.errors import DataError
 from subtune.data.prompts import build_prompt
 
@@ -22,11 +23,32 @@ def embedded_tasks() -> list[str]:
 def resolve_data(name_or_path: str, split: str = "train") -> Path:
     """An embedded task name ('arithmetic', 'commonsense') or a path to a .json/.jsonl file."""
     if name_or_path in embedded_tasks():
-        return TASKS_DIR / name_or_path / f"{split}.json"
+        path = TASKS_DIR / name_or_path / f"{split}.json"
+        if not path.is_file():
+            splits = sorted(p.stem for p in (TASKS_DIR / name_or_path).glob("*.json"))
+            raise DataError(f"embedded task {name_or_path!r} has no split {split!r}; use one of {splits}")
+        return path
     path = Path(name_or_path)
+    if path.is_dir():
+        raise DataError(f"data {name_or_path!r} is a directory; pass a .json or .jsonl file of records")
     if not path.is_file():
         raise DataError(f"data {name_or_path!r} is neither an embedded task {embedded_tasks()} nor an existing file")
     return path
+
+
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is allowed); an unreadable or non-UTF-8 file raises DataError saying where."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e}); check the path and its permissions") \
+            from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line} (byte {e.start}): not valid UTF-8 ({e.reason}); save the file as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _records_with_lines(text: str) -> list[tuple[int, Any]]:
@@ -61,8 +83,9 @@ def _records_with_lines(text: str) -> list[tuple[int, Any]]:
 def load_records(name_or_path: str | Path, split: str = "train", need_answer: bool = False) -> list[dict]:
     """Validated records; a malformed one raises DataError naming the file and line."""
     path = resolve_data(str(name_or_path), split)
+    text = read_text(path)
     try:
-        items = _records_with_lines(path.read_text())
+        items = _records_with_lines(text)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     required = REQUIRED + (("answer",) if need_answer else ())
@@ -75,6 +98,9 @@ def load_records(name_or_path: str | Path, split: str = "train", need_answer: bo
                             f"{list(required)} (LLM-Adapters format)")
         if "input" in rec and not isinstance(rec["input"], str):
             raise DataError(f"{path}, line {line}: 'input' must be a string")
+        choices = rec.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{path}, line {line}: 'choices' must be a list of strings, got {choices!r:.60}")
     if not items:
         raise DataError(f"{path} holds no records; give at least one {{instruction, input, output, answer}} record")
     return [rec for _, rec in items]
@@ -119,6 +145,11 @@ class CausalCollator:
 def calibration_batches(tokenizer, records: list[dict], batch_size: int = 8, num_batches: int = 8,
                         max_length: int = 256) -> list[dict[str, torch.Tensor]]:
     """`num_batches` collated batches from the first records (cycling if there are too few), for selection."""
+    if not records:
+        raise DataError("calibration needs at least one record; pass the training records (or another dataset)")
+    for name, value in (("batch_size", batch_size), ("num_batches", num_batches), ("max_length", max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"calibration_batches: {name} must be an int >= 1, got {value!r}")
     collate = CausalCollator(tokenizer.pad_token_id)
     encoded = [encode_record(tokenizer, r, max_length) for r in records[: batch_size * num_batches]]
     encoded = [encoded[i % len(encoded)] for i in range(batch_size * num_batches)]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from subtune.core.config import ConfigError
+from subtune.core.errors import DataError
 from subtune.data.loaders import CausalCollator, encode_prompt, encode_record
 from subtune.eval.extract import extract, is_correct
 
@@ -45,8 +48,9 @@ def generate_responses(model, tokenizer, records: list[dict], batch_size: int = 
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, records: list[dict], batch_size: int = 32) -> float:
-    """exp(mean token loss) of the reference responses given their prompts."""
+def perplexity(model, tokenizer, records: list[dict], batch_size: int = 32) -> float | None:
+    """exp(mean token loss) of the reference responses given their prompts (inf on overflow, None if no token)."""
+    check_eval_args(records, batch_size, 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -62,11 +66,39 @@ def perplexity(model, tokenizer, records: list[dict], batch_size: int = 32) -> f
         total_loss += loss.item()
         total_tokens += int((labels != -100).sum())
     model.train(was_training)
-    return math.exp(total_loss / max(total_tokens, 1))
+    if total_tokens == 0:
+        warnings.warn("perplexity: no reference token is left to score (every answer was cut); reporting none",
+                      stacklevel=2)
+        return None
+    try:
+        return math.exp(total_loss / total_tokens)  # nan stays nan
+    except OverflowError:
+        return float("inf")
+
+
+def check_eval_args(records: list[dict], batch_size: int, max_new_tokens: int) -> None:
+    """Refuse what would report a meaningless number (no records: accuracy 0, perplexity 1) before any work."""
+    if not records:
+        raise DataError("nothing to evaluate: the record list is empty; pass at least one record (check --limit)")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"evaluate: {name} must be an int >= 1, got {value!r}")
+
+
+def report(result: EvalResult, **fields) -> dict:
+    """A JSON-safe summary: a non-finite perplexity (a diverged adapter) becomes None, with a warning."""
+    ppl = result.perplexity
+    if ppl is not None and not math.isfinite(ppl):
+        warnings.warn(f"perplexity is {ppl} (the model gives non-finite or overflowing losses); reported as null",
+                      stacklevel=2)
+        ppl = None
+    return {**fields, "accuracy": round(result.accuracy, 4), "correct": result.correct, "total": result.total,
+            "perplexity": None if ppl is None else round(ppl, 4)}
 
 
 def evaluate(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 24,
              with_perplexity: bool = True, progress: bool = True) -> EvalResult:
+    check_eval_args(records, batch_size, max_new_tokens)
     responses = generate_responses(model, tokenizer, records, batch_size, max_new_tokens, progress)
     predictions = []
     for record, response in zip(records, responses):
@@ -75,5 +107,5 @@ def evaluate(model, tokenizer, records: list[dict], batch_size: int = 32, max_ne
                             "flag": is_correct(pred, record)})
     correct = sum(p["flag"] for p in predictions)
     ppl = perplexity(model, tokenizer, records, batch_size) if with_perplexity else None
-    return EvalResult(accuracy=correct / max(len(records), 1), correct=correct, total=len(records), perplexity=ppl,
+    return EvalResult(accuracy=correct / len(records), correct=correct, total=len(records), perplexity=ppl,
                       predictions=predictions)

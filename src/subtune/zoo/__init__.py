@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from subtune.core.config import ConfigError
+from subtune.core.errors import ModelNotFoundError
+
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -14,13 +17,13 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 def resolve_model_path(name_or_path: str) -> Path:
     if name_or_path in ("default", "", None):
         if not (DEFAULT_DIR / "config.json").is_file():
-            raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_DIR}; "
-                                    "rebuild it with `python -m subtune.zoo.build`")
+            raise ModelNotFoundError(f"the embedded default model is missing from {DEFAULT_DIR}; "
+                                     "rebuild it with `python -m subtune.zoo.build`")
         return DEFAULT_DIR
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{name_or_path!r} is not 'default' or a local HF model directory with config.json "
-                                "(subtune never downloads at run time)")
+        raise ModelNotFoundError(f"{name_or_path!r} is not 'default' or a local HF model directory with config.json "
+                                 "(subtune never downloads at run time)")
     return path
 
 
@@ -29,7 +32,7 @@ def load_model(name_or_path: str = "default", dtype: str = "fp32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
                                                  trust_remote_code=False)

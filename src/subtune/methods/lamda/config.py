@@ -32,12 +32,14 @@ class LaMDAConfig(MethodConfig):
         super().validate()
         if self.r < 1:
             raise ConfigError(f"{self.method}: r must be >= 1, got {self.r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"{self.method}: lora_alpha must be > 0 (it scales the update), got {self.lora_alpha}")
         if self.init not in INITS:
             raise ConfigError(f"{self.method}: init {self.init!r} is not one of {list(INITS)}")
         if not 0.0 <= self.freeze_fraction <= 1.0:
             raise ConfigError(f"{self.method}: freeze_fraction must be in [0, 1], got {self.freeze_fraction}")
         if self.freeze_steps is not None and self.freeze_steps < 0:
-            raise ConfigError(f"{self.method}: freeze_steps must be >= 0")
+            raise ConfigError(f"{self.method}: freeze_steps must be >= 0, got {self.freeze_steps}")
 
 
 @dataclass
@@ -58,6 +60,10 @@ class LaMDAPlusConfig(LaMDAConfig):
     def validate(self) -> None:
         super().validate()
         if self.rank_multiple < 1 or self.rank_min < self.rank_multiple or self.rank_max < self.rank_min:
-            raise ConfigError("lamda++: need 1 <= rank_multiple <= rank_min <= rank_max")
+            raise ConfigError(f"lamda++: need 1 <= rank_multiple <= rank_min <= rank_max, got rank_multiple="
+                              f"{self.rank_multiple}, rank_min={self.rank_min}, rank_max={self.rank_max}")
         if self.rank_min % self.rank_multiple or self.rank_max % self.rank_multiple:
             raise ConfigError("lamda++: rank_min and rank_max must be multiples of rank_multiple")
+        if self.r < self.rank_min:
+            raise ConfigError(f"lamda++: r={self.r} sets a budget of r per matrix, below rank_min={self.rank_min}; "
+                              f"set r >= rank_min or lower rank_min")

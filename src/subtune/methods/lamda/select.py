@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from subtune.core.config import ConfigError
 from subtune.methods.lamda.config import LaMDAConfig, LaMDAPlusConfig
 
 
@@ -38,7 +39,8 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], budget: int, rank_min: int,
             chunks.append((float(p[start:start + multiple].sum()), name))
     remaining = (budget - sum(ranks.values())) // multiple
     if remaining < 0:
-        raise ValueError(f"lamda++: the budget {budget} is below rank_min × {len(spectra)} matrices")
+        raise ConfigError(f"lamda++: the budget {budget} is below rank_min x {len(spectra)} matrices; raise r or "
+                          "lower rank_min")
     for _, name in sorted(chunks, key=lambda c: -c[0])[:remaining]:
         ranks[name] += multiple
     return ranks

@@ -44,7 +44,11 @@ class S2FTConfig(MethodConfig):
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"s2ft: strategy {self.strategy!r} is not one of {list(STRATEGIES)}")
         if self.calibration_batches < 1:
-            raise ConfigError("s2ft: calibration_batches must be >= 1")
+            raise ConfigError(f"s2ft: calibration_batches must be >= 1, got {self.calibration_batches}")
+        chosen = {n: getattr(self, n) for n in COMPONENTS.values() if getattr(self, n) is not None}
+        if chosen and not any(chosen.values()):
+            raise ConfigError(f"s2ft: every ratio is 0 ({', '.join(f'{k}={v}' for k, v in chosen.items())}), so "
+                              "nothing would train; give at least one ratio > 0 (e.g. d_ratio=0.03)")
 
     def resolved_ratios(self, is_gqa: bool) -> dict[str, float]:
         """Ratio per module; unset ratios take the paper's default for MHA or GQA models."""

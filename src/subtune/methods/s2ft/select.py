@@ -14,7 +14,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from subtune.core.config import ConfigError
 from subtune.core.distributed import broadcast_from_rank0
+from subtune.core.errors import SubtuneError
 from subtune.core.surgery import decoder_layers, freeze, head_dim
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.ops.sliced import INPUT_COLUMNS, OUTPUT_ROWS
@@ -161,11 +163,16 @@ def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str,
     comps = components(model)
     ratios = config.resolved_ratios(is_gqa(model))
     active = {name: comps[name] for name, r in ratios.items() if r > 0}
+    if not active:
+        raise ConfigError(f"s2ft: no ratio > 0 for target_modules {config.target_modules} on this "
+                          f"{'GQA' if is_gqa(model) else 'MHA'} model (resolved ratios {ratios}), so nothing would "
+                          "train; set a ratio for a targeted module (e.g. d_ratio=0.03 with down_proj)")
     layers = len(decoder_layers(model))
     scores: dict[str, torch.Tensor] = {}
     if config.strategy != "random":
         if calibration is None and config.strategy != "weight":
-            raise ValueError(f"s2ft strategy {config.strategy!r} needs calibration batches")
+            raise SubtuneError(f"s2ft strategy {config.strategy!r} needs calibration batches: pass "
+                               "calibration=<iterable of batches>, or use strategy 'random' or 'weight'")
         if config.strategy in ("weight", "weight_activation"):
             scores = {name: weight_scores(model, c) for name, c in active.items()}
         if config.strategy in ("activation", "weight_activation"):

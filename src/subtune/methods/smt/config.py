@@ -46,13 +46,27 @@ class SMTConfig(MethodConfig):
                 raise ConfigError(f"smt: {name} may hold {list(allowed)}, not {bad}")
         if self.block_size < 1:
             raise ConfigError(f"smt: block_size must be >= 1, got {self.block_size}")
-        if not 0.0 <= self.ratio <= 1.0 or not 0.0 <= self.mlp_ratio <= 1.0:
-            raise ConfigError("smt: ratio and mlp_ratio must be in [0, 1]")
+        for name in ("ratio", "mlp_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"smt: {name} must be in [0, 1], got {getattr(self, name)}")
         if self.score not in SCORES:
             raise ConfigError(f"smt: score {self.score!r} is not one of {list(SCORES)}")
         if self.warmup_steps < 1:
             raise ConfigError("smt: warmup_steps must be >= 1 (selection needs at least one gradient)")
+        if self.warmup_lr <= 0:
+            raise ConfigError(f"smt: warmup_lr must be > 0, got {self.warmup_lr}")
         for name in ("num_blocks", "mlp_num_blocks"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ConfigError(f"smt: {name} must be >= 0")
+                raise ConfigError(f"smt: {name} must be >= 0, got {value}")
+        if not self.attention_budget_set() and not self.mlp_budget_set():
+            raise ConfigError("smt: the budget is zero blocks (ratio/num_blocks and mlp_ratio/mlp_num_blocks are all "
+                              "0), so nothing would train; set ratio > 0 or num_blocks >= 1")
+
+    def attention_budget_set(self) -> bool:
+        return bool(self.num_blocks) if self.num_blocks is not None else self.ratio > 0
+
+    def mlp_budget_set(self) -> bool:
+        mlp = [m for m in self.mlp_modules if m not in self.target_modules]
+        budget = bool(self.mlp_num_blocks) if self.mlp_num_blocks is not None else self.mlp_ratio > 0
+        return budget and bool(mlp)

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from subtune.core.config import ConfigError
 from subtune.core.distributed import broadcast_from_rank0
+from subtune.core.errors import DataError
 from subtune.core.surgery import find_targets, freeze
 from subtune.methods.smt.config import SMTConfig
 from subtune.ops.block_sparse import num_blocks
@@ -36,12 +38,42 @@ def budgets(model: nn.Module, config: SMTConfig) -> tuple[int, int]:
 
 
 def candidate_groups(model: nn.Module, config: SMTConfig) -> list[tuple[dict[str, nn.Linear], int]]:
-    k_attn, k_mlp = budgets(model, config)
-    groups = [(find_targets(model, config.target_modules), k_attn)]
+    attention = find_targets(model, config.target_modules)
     mlp = [m for m in config.mlp_modules if m not in config.target_modules]
-    if k_mlp > 0 and mlp:
-        groups.append((find_targets(model, mlp), k_mlp))
-    return [(mods, k) for mods, k in groups if k > 0]
+    mlp_targets = find_targets(model, mlp) if mlp and config.mlp_budget_set() else {}
+    check_block_size(config.block_size, {**attention, **mlp_targets})
+    k_attn, k_mlp = budgets(model, config)
+    groups = [(attention, k_attn, "num_blocks")]
+    if k_mlp > 0 and mlp_targets:
+        groups.append((mlp_targets, k_mlp, "mlp_num_blocks"))
+    groups = [g for g in groups if g[1] > 0]
+    check_budget_fits(config, groups)
+    return [(mods, k) for mods, k, _ in groups]
+
+
+def check_block_size(block: int, modules: dict[str, nn.Linear]) -> None:
+    """Refuse a block larger than every candidate matrix: scoring pads each matrix to whole blocks, so block_size
+    100000 would allocate tens of GB for what is at most one ragged block per matrix."""
+    widest = max(max(m.weight.shape) for m in modules.values())
+    if block > widest:
+        raise ConfigError(f"smt: block_size={block} is larger than every targeted matrix (the widest side is "
+                          f"{widest}); set block_size <= {widest}")
+
+
+def check_budget_fits(config: SMTConfig, groups: list[tuple[dict[str, nn.Linear], int, str]]) -> None:
+    """Refuse, before any gradient is computed, an empty budget and an explicit one above the blocks there are."""
+    if not groups:
+        raise ConfigError("smt: the budget rounds to zero blocks on this model; set num_blocks >= 1 or a larger ratio")
+    b = config.block_size
+    for mods, k, name in groups:
+        available = sum(num_blocks(m.weight.shape[0], b) * num_blocks(m.weight.shape[1], b) for m in mods.values())
+        if k <= available:
+            continue
+        if getattr(config, name) is not None:
+            raise ConfigError(f"smt: {name}={k} exceeds the {available} blocks of {b}x{b} in the targeted matrices; "
+                              f"set {name} <= {available}")
+        warnings.warn(f"smt: the ratio gives {k} blocks but the targeted matrices hold only {available}; training "
+                      "all of them", stacklevel=4)
 
 
 def warmup_gradients(model: nn.Module, candidates: dict[str, nn.Linear], calibration, config: SMTConfig,
@@ -87,7 +119,8 @@ def warmup_gradients(model: nn.Module, candidates: dict[str, nn.Linear], calibra
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     if steps == 0:
-        raise ValueError("smt: the calibration iterable gave no batch; pass warm-up batches")
+        raise DataError("smt: the calibration iterable gave no batch; pass warm-up batches (dicts with input_ids, "
+                        "attention_mask, labels)")
     if steps < config.warmup_steps:
         warnings.warn(f"smt: warm-up used {steps} batches, fewer than warmup_steps={config.warmup_steps}",
                       stacklevel=3)
