@@ -32,25 +32,72 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         else:
             value = "true"
             i += 1
-        out[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in out:
+            raise click.UsageError(f"--{key} is given twice ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
     return out
 
 
 def _fail_cleanly(fn):
-    """Show subtune's own errors as one clear line instead of a traceback."""
+    """Show subtune's own errors (SubtuneError and its subclasses, raised on purpose with a message that names the
+    fix) as one line; anything else is a bug and keeps its traceback."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from subtune.core.config import ConfigError
         from subtune.core.errors import SubtuneError
 
         try:
             return fn(*args, **kwargs)
-        except (SubtuneError, ConfigError, FileNotFoundError, KeyError) as e:
-            raise click.ClickException(str(e.args[0] if isinstance(e, KeyError) else e)) from None
+        except SubtuneError as e:
+            raise click.ClickException(" ".join(str(e).split("\n"))) from None
 
     return wrapper
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (a nan passes every comparison)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+def check_writable(path: str | Path, flag: str, is_file: bool = False) -> None:
+    """Fail before any work if `path` cannot be written: its nearest existing ancestor must be a writable directory
+    (and a file output must not be an existing directory)."""
+    path = Path(path)
+    if is_file and path.is_dir():
+        raise click.BadParameter(f"{path} is a directory; give a file path", param_hint=f"'{flag}'")
+    ancestor = path if path.exists() and not is_file else path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise click.BadParameter(f"cannot write {path}: {ancestor} is a file, not a directory; choose another path",
+                                 param_hint=f"'{flag}'")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write {path}: {ancestor} is not writable; choose another path",
+                                 param_hint=f"'{flag}'")
+
+
+def method_list_option(value: str | None, flag: str) -> list[str] | None:
+    """Comma-separated method ids (a '@variant' suffix allowed), each checked against the registry up front."""
+    from subtune.core.method import get_method
+
+    if value is None:
+        return None
+    ids = [m.strip() for m in value.split(",") if m.strip()]
+    if not ids:
+        raise click.BadParameter("no method id given; name at least one (see `subtune methods`)",
+                                 param_hint=f"'{flag}'")
+    for m in ids:
+        get_method(m.partition("@")[0])  # UnknownMethodError lists the available ids
+    return ids
 
 
 @click.group(help="Fine-tune LLaMA-family models by training a small, well-chosen part of them.")
@@ -85,33 +132,49 @@ def methods() -> None:
 @click.option("--max-length", type=int, default=256, show_default=True)
 @click.option("--save-steps", type=int, default=500, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
-@click.option("--resume", is_flag=True, help="resume from the last checkpoint in --output")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="continue the run in --output from its newest complete checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace another run in --output (its adapter and checkpoints)")
+@click.option("--seed", type=int, default=None,
+              help="seeds every RNG (selection, init, data order) and the config's seed unless it sets one [0]")
 @click.pass_context
 @_fail_cleanly
 def train(ctx, method, model_name, data, config_file, output, max_steps, epochs, lr, batch_size, grad_accum, dtype,
-          max_length, save_steps, gradient_checkpointing, resume, seed) -> None:
+          max_length, save_steps, gradient_checkpointing, resume, overwrite, seed) -> None:
     """Fine-tune with the HF Trainer; extra `--key value` options set method config fields (e.g. --r 8)."""
+    import warnings
+
     from subtune.core.api import trainable_summary
+    from subtune.core.method import get_method
     from subtune.data.loaders import load_records
     from subtune.recipes import finetune, make_config, read_config_file
+    from subtune.train import runs
+    from subtune.train.trainer import CLI_FLAGS, check_training_args
     from subtune.zoo import load_model
 
+    # everything that can be checked is checked here, before the model is loaded
     overrides = parse_overrides(ctx.args)
-    config = make_config(method, read_config_file(config_file), overrides)  # validate before any work
+    file_values = read_config_file(config_file)
+    if seed is not None and "seed" not in file_values and "seed" not in overrides:
+        overrides["seed"] = str(seed)  # --seed is the config's seed unless the config sets its own
+    config = make_config(method, file_values, overrides)
+    lr = lr if lr is not None else get_method(method).default_lr
+    check_training_args(CLI_FLAGS, max_steps=max_steps, epochs=epochs, learning_rate=lr, batch_size=batch_size,
+                        grad_accum=grad_accum, save_steps=save_steps, max_length=max_length)
     records = load_records(data, "train")
     output = Path(output or f"runs/{method}")
-    if resume and not any(output.glob("checkpoint-*")):
-        raise click.ClickException(f"--resume: no checkpoint-* directory in {output}")
+    runs.check_output_dir(output, resume=resume, overwrite=overwrite, any_run=True, names=runs.CLI_NAMES)
+    if resume:
+        with warnings.catch_warnings():  # finetune warns about skipped checkpoints, once
+            warnings.simplefilter("ignore")
+            checkpoint, _ = runs.find_resume_checkpoint(output, names=runs.CLI_NAMES)
+        runs.check_resume_config(checkpoint, config, names=runs.CLI_NAMES)
     model, tokenizer = load_model(model_name, dtype)
     click.echo(f"method {method}: {config.to_json()}")
-    from subtune.core.method import get_method
-
-    lr = lr if lr is not None else get_method(method).default_lr
-    model, _ = finetune(model, tokenizer, config, records, output, resume=resume, max_steps=max_steps, epochs=epochs,
+    model, _ = finetune(model, tokenizer, config, records, output, resume=resume, overwrite=overwrite,
+                        option_names=CLI_FLAGS,
+                        seed=seed if seed is not None else config.seed, max_steps=max_steps, epochs=epochs,
                         learning_rate=lr, batch_size=batch_size, grad_accum=grad_accum, bf16=dtype == "bf16",
-                        seed=seed, max_length=max_length, save_steps=save_steps,
-                        gradient_checkpointing=gradient_checkpointing)
+                        max_length=max_length, save_steps=save_steps, gradient_checkpointing=gradient_checkpointing)
     click.echo(str(trainable_summary(model)))
     click.echo(f"adapter saved to {output / 'adapter'}")
 
@@ -121,18 +184,20 @@ def train(ctx, method, model_name, data, config_file, output, max_steps, epochs,
 @click.option("--model", "model_name", default=None, help="base model ['default', or the adapter's base]")
 @click.option("--task", default="arithmetic", show_default=True, help="embedded task or a .json/.jsonl test file")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="evaluate the first N records only")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-new-tokens", type=int, default=24, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N records only")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--predictions", type=click.Path(dir_okay=False), default=None, help="write per-example JSON here")
 @_fail_cleanly
 def eval_cmd(adapter, model_name, task, split, limit, batch_size, max_new_tokens, predictions) -> None:
     """Accuracy (generation + LLM-Adapters answer extraction) and perplexity of the reference answers."""
     from subtune.core import api
     from subtune.data.loaders import load_records
-    from subtune.eval.evaluate import evaluate
+    from subtune.eval.evaluate import evaluate, report
     from subtune.zoo import load_model
 
+    if predictions:
+        check_writable(predictions, "--predictions", is_file=True)
     records = load_records(task, split, need_answer=True)[:limit]
     if model_name is None:
         model_name = api.read_adapter_config(adapter).get("base_model_name_or_path") if adapter else "default"
@@ -140,9 +205,8 @@ def eval_cmd(adapter, model_name, task, split, limit, batch_size, max_new_tokens
     if adapter:
         api.load(model, adapter)
     result = evaluate(model, tokenizer, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    click.echo(json.dumps({"task": task, "split": split, "adapter": adapter, "accuracy": round(result.accuracy, 4),
-                           "correct": result.correct, "total": result.total,
-                           "perplexity": round(result.perplexity, 4)}, indent=2))
+    summary = report(result, task=task, split=split, adapter=adapter)
+    click.echo(json.dumps(summary, indent=2, allow_nan=False))  # always valid JSON: non-finite values are null
     if predictions:
         Path(predictions).write_text(json.dumps(result.predictions, indent=1))
 
@@ -150,15 +214,20 @@ def eval_cmd(adapter, model_name, task, split, limit, batch_size, max_new_tokens
 @main.command()
 @click.option("--task", default="commonsense", show_default=True)
 @click.option("--methods", "method_list", default=None, help="comma-separated [every method]")
-@click.option("--steps", type=int, default=80, show_default=True, help="optimizer steps (ZO methods: 3×)")
-@click.option("--limit", type=int, default=100, show_default=True, help="test records to evaluate")
+@click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True,
+              help="optimizer steps (ZO methods: 3×)")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="test records to evaluate")
 @click.option("--output", default="runs/demo", show_default=True)
 @_fail_cleanly
 def demo(task, method_list, steps, limit, output) -> None:
     """Fine-tune the embedded default model with every method and print accuracy before/after (~3 min on 2 cores)."""
+    from subtune.data.loaders import load_records
     from subtune.recipes import format_demo_table, run_demo
 
-    methods_ = [m.strip() for m in method_list.split(",")] if method_list else None
+    methods_ = method_list_option(method_list, "--methods")
+    check_writable(output, "--output")
+    for split in ("train", "test"):  # data errors before the model loads
+        load_records(task, split, need_answer=split == "test")
     _, rows = run_demo(task, methods_, steps=steps, limit=limit, output_dir=output)
     click.echo(format_demo_table(task, rows))
 
@@ -167,24 +236,25 @@ def demo(task, method_list, steps, limit, output) -> None:
 @click.option("--methods", "method_list", default="full,lora,dora,s2ft", show_default=True,
               help="comma-separated method ids")
 @click.option("--preset", default="134m", show_default=True, help="tiny|134m|llama2-7b|llama3-8b or a local HF dir")
-@click.option("--batch", type=int, default=4, show_default=True)
-@click.option("--seq", type=int, default=256, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seq", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--steps", type=int, default=5, show_default=True, help="timed optimizer steps")
-@click.option("--warmup", type=int, default=2, show_default=True, help="untimed steps first")
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="timed optimizer steps")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed steps first")
 @click.option("--grad-checkpointing", is_flag=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--budget", type=int, default=None, help="trainable values per method [LoRA r=16's count]")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="trainable values per method [LoRA r=16's count]")
 @click.option("--out", default="bench-out", show_default=True, help="directory for the table, JSON and PNG")
 @_fail_cleanly
 def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpointing, device, budget, out) -> None:
     """Time and memory of every method side by side, with the floors (each configuration in a fresh process)."""
     from subtune.bench import BenchSpec, markdown_table, run_bench, write_outputs
-    from subtune.core.method import get_method
+    from subtune.bench.presets import preset_config
 
-    methods_ = [m.strip() for m in method_list.split(",") if m.strip()]
-    for m in methods_:
-        get_method(m.partition("@")[0])  # unknown ids fail here, before any run
+    methods_ = method_list_option(method_list, "--methods")  # unknown ids fail here, before any run
+    preset_config(preset)  # an unknown preset too (each run would only record it as its error)
+    check_writable(out, "--out")
     if device == "cuda":
         import torch
 
@@ -200,9 +270,10 @@ def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpoint
 @main.command(name="senszo-mask")
 @click.option("--model", "model_name", default="default", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="mask file (.safetensors) to write")
-@click.option("--density", type=float, default=0.001, show_default=True)
-@click.option("--samples", type=int, default=100, show_default=True, help="calibration windows of --seq tokens")
-@click.option("--seq", type=int, default=512, show_default=True)
+@click.option("--density", type=FiniteFloatRange(0.0, 1.0, min_open=True), default=0.001, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=100, show_default=True,
+              help="calibration windows of --seq tokens")
+@click.option("--seq", type=click.IntRange(min=2), default=512, show_default=True)
 @click.option("--data", default=None, help="calibration text as a task/JSON file [the embedded pretraining corpus]")
 @click.option("--scope", type=click.Choice(["per_matrix", "global"]), default="per_matrix", show_default=True)
 @_fail_cleanly
@@ -215,8 +286,10 @@ def senszo_mask(model_name, out, density, samples, seq, data, scope) -> None:
     from subtune.zoo import corpus_calibration, load_model
 
     config = SensZOConfig(density=density, scope=scope, calibration_samples=samples)
+    check_writable(out, "--out", is_file=True)
+    records = load_records(data) if data else None  # data errors before the model loads
     model, tokenizer = load_model(model_name)
-    calibration = (calibration_batches(tokenizer, load_records(data), batch_size=1, num_batches=samples)
+    calibration = (calibration_batches(tokenizer, records, batch_size=1, num_batches=samples)
                    if data else corpus_calibration(tokenizer, samples=samples, seq=seq))
     targets = find_targets(model, config.target_modules)
     mask = compute_mask(model, targets, config, calibration)
@@ -231,13 +304,15 @@ def senszo_mask(model_name, out, density, samples, seq, data, scope) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["lora", "merged"]), default="lora", show_default=True)
 @click.option("--model", "model_name", default=None, help="base model ['default', or the adapter's base]")
-@click.option("--max-rank", type=int, default=512, show_default=True, help="refuse LoRA ranks above this (vLLM: 512)")
+@click.option("--max-rank", type=click.IntRange(min=1), default=512, show_default=True,
+              help="refuse LoRA ranks above this (vLLM: 512)")
 @_fail_cleanly
 def export(adapter, out, fmt, model_name, max_rank) -> None:
     """Export an adapter as an exact PEFT LoRA adapter, or as a merged HF model."""
     from subtune.core import api
     from subtune.zoo import load_model
 
+    check_writable(out, "--out")
     model_name = model_name or api.read_adapter_config(adapter).get("base_model_name_or_path") or "default"
     model, tokenizer = load_model(model_name)
     api.load(model, adapter)

@@ -39,14 +39,36 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The mapping in a YAML/JSON config file; any problem is a ConfigError naming the file (and line)."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+                          + "; pass a YAML or JSON file of config fields")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path}: byte {e.start} is not valid UTF-8; save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f"; {context} opened at line {context_mark.line + 1}"
+        raise ConfigError(f"config file {path}{where}: invalid YAML ({problem}); fix the syntax there") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {path}: keys must be field names (strings), got {bad[:3]}")
     return data
 
 
@@ -54,14 +76,47 @@ def make_config(method_id: str, file_values: dict[str, Any] | None = None,
                 overrides: dict[str, Any] | None = None) -> MethodConfig:
     """Method defaults, then the file's values, then CLI overrides (strings are parsed to each field's type)."""
     method = get_method(method_id)
-    merged = {**(file_values or {}), **(overrides or {})}
+    file_values = dict(file_values or {})
+    file_method = file_values.pop("method", method_id)
+    if file_method != method_id:
+        raise ConfigError(f"the config file is for method {file_method!r} but the method is {method_id!r}; "
+                          "make them agree or drop 'method' from the file")
+    merged = {**file_values, **(overrides or {})}
     merged.pop("method", None)
     return method.config_class.from_dict({"method": method_id, **merged})
 
 
 def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], output_dir: str | Path,
-             resume: bool | str = False, **train_kwargs):
-    """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer)."""
+             resume: bool | str = False, *, seed: int | None = None, overwrite: bool = False,
+             option_names: dict[str, str] | None = None, **train_kwargs):
+    """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer).
+
+    Everything is checked before any work: the training numbers, the output directory (writable; holding no other
+    run unless `overwrite`), the run a `resume` continues (True: the newest complete checkpoint, or a checkpoint
+    path; same method, config, base and selection), answers cut by `max_length`. `seed` (default config.seed) seeds
+    every RNG before `prepare` (selection, PEFT's init, the Trainer's data order) and becomes config.seed unless the
+    config sets its own, so two identical calls write byte-identical adapters. `option_names` spells the options
+    in error messages as the caller's user knows them (the CLI: its flags).
+    """
+    import transformers
+
+    from subtune.train import runs
+    from subtune.train.trainer import DEFAULT_MAX_LENGTH, check_answers_fit, check_training_args, resolve_seed
+
+    output_dir = Path(output_dir)
+    names = option_names or {}
+    config, seed = resolve_seed(config, seed)
+    check_training_args(names, **train_kwargs)
+    runs.check_output_dir(output_dir, resume=bool(resume), overwrite=overwrite, any_run=False)
+    checkpoint, partial = None, []
+    if resume:
+        checkpoint, partial = runs.find_resume_checkpoint(output_dir, None if resume is True else resume)
+        runs.check_resume_config(checkpoint, config)
+    elif not overwrite:
+        _check_final_save(model, config, output_dir)
+    check_answers_fit(tokenizer, train_records, train_kwargs.get("max_length", DEFAULT_MAX_LENGTH),
+                      train_kwargs.get("train_on_inputs", False), names.get("max_length", "max_length"))
+    transformers.set_seed(seed)
     calibration = None
     wanted = get_method(config.method).calibration_batches(config)
     if wanted and getattr(config, "calibration_source", "train") == "corpus":
@@ -72,14 +127,28 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
         calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16),
                                           num_batches=wanted)
     api.prepare(model, config, calibration=calibration)
-    trainer = build_trainer(model, tokenizer, train_records, output_dir, **train_kwargs)
+    if checkpoint is not None:
+        runs.check_resume_selection(model, checkpoint)
+        _check_final_save(model, config, output_dir)
+    trainer = build_trainer(model, tokenizer, train_records, output_dir, seed=seed, **train_kwargs)
     if not train_kwargs.get("progress", True):
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # quiet: no per-log-step dicts on stdout
-    trainer.train(resume_from_checkpoint=resume or None)
-    api.save(model, Path(output_dir) / "adapter")
+    # all checks passed: now drop what is garbage (incomplete checkpoints) or what the caller asked to replace
+    runs.remove_checkpoints(partial + ([p for _, p in runs.checkpoints(output_dir)] if overwrite else []))
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    api.save(model, output_dir / "adapter", overwrite=overwrite)
     return model, trainer
+
+
+def _check_final_save(model, config: MethodConfig, output_dir: Path) -> None:
+    """The final save refuses an adapter of another method or base model in output_dir: say so before training."""
+    from subtune.core.fingerprint import fingerprint
+    from subtune.core.guards import check_save_target
+
+    state = getattr(model, api.STATE_ATTR, None)  # prepared: its fingerprint was taken before any change
+    check_save_target(output_dir / "adapter", config.method, state.fingerprint if state else fingerprint(model))
 
 
 @dataclass

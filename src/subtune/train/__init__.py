@@ -1,3 +1,5 @@
-from subtune.train.trainer import AdapterCheckpointCallback, ThroughputCallback, build_trainer
+from subtune.train.trainer import (AdapterCheckpointCallback, FiniteGuardCallback, SubtuneTrainerMixin,
+                                   ThroughputCallback, build_trainer)
 
-__all__ = ["build_trainer", "AdapterCheckpointCallback", "ThroughputCallback"]
+__all__ = ["build_trainer", "AdapterCheckpointCallback", "FiniteGuardCallback", "SubtuneTrainerMixin",
+           "ThroughputCallback"]
