@@ -1,0 +1,19 @@
+"""Serving many fine-tuned variants on one base model (issue #12).
+
+`AdapterStore(base)` keeps adapters as deltas beside the one shared base (`add`, `add_deltas`, `remove`, `names`,
+`memory`), switches by scatter (`activate(name | None)`), fuses by summing deltas (`fuse`), and routes each row of a
+batch to its own adapter (`generate`, `logits`). Everything is written over `subtune.core.deltas`, never over a
+method's training layers.
+"""
+
+from subtune.serve.batched import RowGroups, routed
+from subtune.serve.errors import (
+    AdapterActiveError, AdapterMismatchError, AdapterNameError, DuplicateAdapterError, RoutingError, ServeError,
+    UnknownAdapterError, WrongBaseError,
+)
+from subtune.serve.store import AdapterStore
+
+__all__ = [
+    "AdapterStore", "RowGroups", "routed", "ServeError", "AdapterNameError", "DuplicateAdapterError",
+    "UnknownAdapterError", "WrongBaseError", "AdapterMismatchError", "AdapterActiveError", "RoutingError",
+]
