@@ -1,6 +1,8 @@
 """The public verbs: prepare, save, load, merge, unmerge, unload, export_lora, trainable_summary.
 
 They work on an ordinary HF causal LM and dispatch to the method named in the config; none of them knows a method.
+Every verb checks its inputs before it changes anything (core/guards.py); prepare and load either finish or leave
+the model exactly as it was (core/rollback.py); save and export write whole directories atomically (core/io.py).
 """
 
 from __future__ import annotations
@@ -9,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 
 from subtune import __version__
-from subtune.core import io
-from subtune.core.config import MethodConfig
+from subtune.core import guards, io
+from subtune.core.config import ConfigError, MethodConfig
 from subtune.core.errors import AdapterLoadError, SubtuneError
 from subtune.core.fingerprint import check_fingerprint, fingerprint
+from subtune.core.guards import ADAPTER_FILES, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE  # noqa: F401 (re-exported)
 from subtune.core.method import Method, Selection, get_method
+from subtune.core.rollback import seeded, transaction
 from subtune.core.surgery import decoder_layers, freeze
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter.safetensors"
 SELECTION_PREFIX = "selection."
 STATE_ATTR = "subtune_state"
 
@@ -45,11 +48,21 @@ def state_of(model: nn.Module) -> AdapterState:
     return state
 
 
-def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] | None = None) -> nn.Module:
-    """Attach `config`'s method to `model` in place and freeze everything else. Returns the same model."""
+def _refuse_prepared(model: nn.Module) -> None:
     if getattr(model, STATE_ATTR, None) is not None:
         raise SubtuneError(
             f"this model already has {state_of(model).method.id!r} attached; start again from a fresh base model")
+
+
+def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] | None = None) -> nn.Module:
+    """Attach `config`'s method to `model` in place and freeze everything else. Returns the same model.
+
+    Selection and initialisation run with every RNG seeded from `config.seed` (the caller's RNG states are restored
+    afterwards), so the same base and config give byte-identical adapters. If anything fails, the model is restored.
+    """
+    guards.check_config_object(config)
+    guards.check_model(model, "prepare")
+    _refuse_prepared(model)
     method = get_method(config.method)
     config.validate()
     decoder_layers(model)
@@ -57,14 +70,11 @@ def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] 
         raise SubtuneError(
             f"method {method.id!r} selects what to train from data: pass calibration=<iterable of batches> "
             "(dicts with input_ids, attention_mask, labels)")
-    state = _attach_state(model, method, config, Selection())  # the fingerprint is taken before any change
-    try:
+    with transaction(model, "prepare", method.modifies_base(config)), seeded(config.seed):
+        state = _attach_state(model, method, config, Selection())  # the fingerprint is taken before any change
         state.selection = method.select(model, config, calibration)
         freeze(model)
         method.attach(model, config, state.selection)
-    except BaseException:
-        delattr(model, STATE_ATTR)  # a failed prepare leaves no half-attached state behind
-        raise
     return model
 
 
@@ -75,17 +85,35 @@ def _attach_state(model, method, config, selection) -> AdapterState:
         base_name=str(getattr(model.config, "_name_or_path", "") or ""),
     )
     setattr(model, STATE_ATTR, state)
+    from subtune.core.checkpoint import install_save_hook  # HF save_pretrained/Trainer: adapter only
+    install_save_hook(model)
     return state
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write `adapter_config.json` + `adapter.safetensors` (trained values, selection indices, base fingerprint)."""
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `save` writes: the trained values and the selection's index tensors (prefixed)."""
     state = state_of(model)
-    directory = Path(directory)
-    tensors = {k: v for k, v in state.method.state_dict(model).items()}
+    tensors = dict(state.method.state_dict(model))
     tensors.update({SELECTION_PREFIX + k: v for k, v in state.selection.tensors.items()})
-    digest = io.atomic_save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "subtune"})
-    io.atomic_write_json(directory / CONFIG_FILE, {
+    return tensors
+
+
+def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
+    """Write `adapter_config.json` + `adapter.safetensors` (trained values, selection indices, base fingerprint).
+
+    The directory is replaced atomically: a reader (or a crash) sees the old adapter or the new one, never a mix.
+    Refuses, before writing anything, an adapter holding NaN/inf (unless `allow_nonfinite`) and a directory holding
+    an adapter of another method, format or base model (unless `overwrite`); a newer save of the same run is fine.
+    """
+    state = state_of(model)
+    directory = guards.as_directory(directory, "save")
+    tensors = adapter_tensors(model)
+    if not allow_nonfinite:
+        guards.check_finite(tensors, "save")
+    if not overwrite:
+        guards.check_save_target(directory, state.method.id, state.fingerprint)
+    config = {
+        "format_version": FORMAT_VERSION,
         "subtune_version": __version__,
         "method": state.method.id,
         "config": state.config.to_dict(),
@@ -93,52 +121,116 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         "fingerprint": state.fingerprint,
         "base_model_name_or_path": state.base_name,
         "base_parameters": state.base_parameters,
-        "adapter_sha256": digest,
-    })
+    }
+    with io.atomic_directory(directory, replaces=ADAPTER_FILES) as tmp:
+        config["adapter_sha256"] = io.atomic_save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "subtune"})
+        io.atomic_write_json(tmp / CONFIG_FILE, config)
     return directory
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    directory = Path(directory)
+    """The checked adapter_config.json of a subtune adapter directory (types, required fields, versions)."""
+    directory = guards.as_directory(directory, "load")
+    io.recover_directory(directory)  # a save killed between its two fallback renames left the old one aside
     if not directory.is_dir():
         raise AdapterLoadError(f"adapter directory {directory} does not exist; pass a directory written by subtune.save()")
     cfg = io.read_json(directory / CONFIG_FILE)
-    missing = [k for k in ("method", "config", "fingerprint", "adapter_sha256") if k not in cfg]
-    if missing:
-        raise AdapterLoadError(f"{directory / CONFIG_FILE} lacks {missing}; it was not written by subtune.save()")
+    guards.check_adapter_config(cfg, directory / CONFIG_FILE, __version__)
     return cfg
 
 
-def load(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Attach a saved adapter to a fresh copy of the base it was trained on. Checks everything before changing `model`."""
-    directory = Path(directory)
-    cfg = read_adapter_config(directory)
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise SubtuneError("this model already has a subtune method attached; load onto a fresh base model")
+def _method_and_config(cfg: dict[str, Any], directory: Path) -> tuple[Method, MethodConfig]:
     try:
         method = get_method(cfg["method"])
-    except KeyError as e:
-        raise AdapterLoadError(f"{directory}: {e.args[0]}") from None
-    config = method.config_class.from_dict(cfg["config"])
+    except KeyError as e:  # the registry's UnknownMethodError is a KeyError too
+        raise AdapterLoadError(f"{directory}: {e.args[0] if e.args else e}") from None
+    try:
+        config = method.config_class.from_dict(cfg["config"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise AdapterLoadError(f"{directory / CONFIG_FILE}: its 'config' is invalid ({e}); the file is corrupt or was "
+                               "edited: re-save the adapter") from None
+    return method, config
+
+
+def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False) -> nn.Module:
+    """Attach a saved adapter to a fresh copy of the base it was trained on.
+
+    Checks everything it can before changing `model` (config fields, versions, fingerprint, checksum, finite
+    values); a failure while attaching (a tensor of the wrong shape, an index out of range) restores the model.
+    """
+    directory = guards.as_directory(directory, "load")
+    cfg = read_adapter_config(directory)
+    guards.check_model(model, "load")
+    if getattr(model, STATE_ATTR, None) is not None:
+        raise SubtuneError("this model already has a subtune method attached; load onto a fresh base model")
+    method, config = _method_and_config(cfg, directory)
     check_fingerprint(cfg["fingerprint"], model, directory)
     tensors = io.read_tensors(directory / WEIGHTS_FILE, cfg["adapter_sha256"])
+    if not allow_nonfinite:
+        guards.check_finite(tensors, "load", where=f"{directory / WEIGHTS_FILE}: ")
     selection = Selection(
         {k[len(SELECTION_PREFIX):]: v for k, v in tensors.items() if k.startswith(SELECTION_PREFIX)},
         cfg.get("selection", {}),
     )
     values = {k: v for k, v in tensors.items() if not k.startswith(SELECTION_PREFIX)}
-    state = _attach_state(model, method, config, selection)
-    state.base_name = cfg.get("base_model_name_or_path", state.base_name)
-    freeze(model)
-    method.attach(model, config, selection)
-    method.load_state_dict(model, values)
+    base_tensors = model.state_dict(keep_vars=True)
+    try:
+        with transaction(model, "load", method.modifies_base(config)), seeded(config.seed):
+            state = _attach_state(model, method, config, selection)
+            state.base_name = cfg.get("base_model_name_or_path") or state.base_name
+            freeze(model)
+            method.attach(model, config, selection)
+            _check_values_fit(method, model, values, directory)
+            _swap_in_base_values(base_tensors, values)
+            method.load_state_dict(model, values)
+    except SubtuneError:
+        raise
+    except Exception as e:  # a layer refusing an index or a shape: the file does not describe this model
+        raise AdapterLoadError(f"{directory / WEIGHTS_FILE} does not fit this model ({type(e).__name__}: {e}); the "
+                               "adapter is corrupt or was edited: re-save it from the trained model") from e
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold the trained update into the base weights in place; `unmerge` undoes it."""
+def _check_values_fit(method: Method, model: nn.Module, values: dict[str, torch.Tensor], directory: Path) -> None:
+    """Every saved value exists in the attached model with the same shape (copy_ would broadcast silently)."""
+    expected = method.state_dict(model)
+    where = directory / WEIGHTS_FILE
+    fix = "the adapter is corrupt or was edited: re-save it from the trained model"
+    missing, unexpected = set(expected) - set(values), set(values) - set(expected)
+    if missing:
+        raise AdapterLoadError(f"{where} lacks tensor {sorted(missing)[0]} ({len(missing)} missing); {fix}")
+    if unexpected:
+        raise AdapterLoadError(f"{where} holds tensor {sorted(unexpected)[0]} that this selection has no place for; "
+                               f"{fix}")
+    for name, want in expected.items():
+        got = values[name]
+        if got.shape != want.shape:
+            raise AdapterLoadError(f"{where}: tensor {name} has shape {list(got.shape)}, the model needs "
+                                   f"{list(want.shape)}; {fix}")
+        if want.is_floating_point() and not got.is_floating_point():
+            raise AdapterLoadError(f"{where}: tensor {name} is {got.dtype}, the model needs a floating-point tensor; "
+                                   f"{fix}")
+
+
+@torch.no_grad()
+def _swap_in_base_values(base_tensors: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Saved values that replace base tensors (full fine-tuning, MeZO: the adapter is the model) become those
+    tensors' data by reference instead of being copied into them, so a failure can put the original data back
+    without a second copy of the model (the transaction holds the originals); the method's own load then copies
+    each value onto itself. Only where that costs no memory (same device and dtype, the usual CPU load); elsewhere
+    the method copies in place, and a failure after that is reported as unrecoverable instead of hidden."""
+    for name, value in values.items():
+        t = base_tensors.get(name)
+        if t is not None and (t.shape, t.dtype, t.device) == (value.shape, value.dtype, value.device):
+            t.data = value
+
+
+def merge(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
+    """Fold the trained update into the base weights in place; `unmerge` undoes it. Refuses NaN/inf updates."""
     state = state_of(model)
     if not state.merged:
+        if not allow_nonfinite:
+            guards.check_finite(state.method.state_dict(model), "merge")
         state.method.merge(model)
         state.merged = True
     return model
@@ -152,24 +244,34 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module) -> nn.Module:
+def unload(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """Merge, then replace method layers with plain modules: returns a plain HF model with no subtune state."""
     state = state_of(model)
-    merge(model)
+    merge(model, allow_nonfinite=allow_nonfinite)
     state.method.unload(model)
     delattr(model, STATE_ATTR)
+    from subtune.core.checkpoint import remove_save_hook  # a plain HF model saves as one again
+    remove_save_hook(model)
     return model
 
 
-def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fallback: str = "error"
-                ) -> dict[str, Any]:
+def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fallback: str = "error", *,
+                overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Write a PEFT LoRA adapter equal to the trained update, where the method's update is exactly low-rank.
 
     A module needing a rank above `max_rank` (vLLM's ceiling is 512) raises ExportError, or with fallback="svd" is
-    exported as its best rank-`max_rank` approximation (the returned dict reports each relative error).
+    exported as its best rank-`max_rank` approximation (the returned dict reports each relative error). The
+    directory is written atomically; an earlier LoRA export there is replaced, a subtune adapter only with
+    `overwrite=True`. NaN/inf updates are refused unless `allow_nonfinite`.
     """
     state = state_of(model)
-    return state.method.export_lora(model, Path(directory), max_rank, fallback)
+    guards.check_export_args(max_rank, fallback)
+    directory = guards.as_directory(directory, "export_lora")
+    if not allow_nonfinite:
+        guards.check_finite(state.method.state_dict(model), "export")
+    if not overwrite:
+        guards.check_export_target(directory)
+    return state.method.export_lora(model, directory, max_rank, fallback)
 
 
 @dataclass

@@ -19,3 +19,38 @@ class ExportError(SubtuneError, ValueError):
 
 class DataError(SubtuneError, ValueError):
     """A dataset is empty or a record is malformed."""
+
+
+class UnknownMethodError(SubtuneError, KeyError):
+    """A method id that is not registered (a KeyError too, for code that looks methods up like a mapping)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(SubtuneError, FileNotFoundError):
+    """A base model name or directory that cannot be found (subtune never downloads)."""
+
+
+class AdapterExistsError(SubtuneError, FileExistsError):
+    """A save would replace an adapter of another method, format or base model (pass overwrite=True to allow it)."""
+
+
+class AdapterSaveError(SubtuneError, OSError):
+    """An adapter directory cannot be written (not a directory, not writable)."""
+
+
+class NonFiniteError(SubtuneError, ValueError):
+    """An adapter holds NaN or infinite values (training diverged); refused unless allow_nonfinite=True."""
+
+
+class TrainingDivergedError(SubtuneError, RuntimeError):
+    """The loss or a trained value became NaN/inf; training stopped before anything of that step was saved."""
+
+
+class CheckpointError(SubtuneError, ValueError):
+    """No complete checkpoint to resume from, or the checkpoint belongs to another run (method, config, base)."""
+
+
+class RunExistsError(SubtuneError, FileExistsError):
+    """The output directory holds another run (its adapter or checkpoints); pass --overwrite or --resume."""

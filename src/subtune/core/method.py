@@ -39,6 +39,13 @@ class Method(ABC):
         """How many calibration batches `select` reads (0: it needs no data)."""
         return 0
 
+    def modifies_base(self, config: MethodConfig) -> bool:
+        """True when `select` or `attach` change base weights in place (e.g. a residual init, warm-up updates).
+        prepare/load then keep a copy of the weights while they run, so a failure can restore the model exactly.
+        (Saved values named like base tensors, as in full fine-tuning, need no copy: load swaps them in by
+        reference.)"""
+        return False
+
     def select(self, model: nn.Module, config: MethodConfig, calibration: Iterable[dict] | None) -> Selection:
         return Selection()
 
@@ -111,7 +118,15 @@ class LayerMethod(Method):
         if set(tensors) != expected:
             raise AdapterLoadError(
                 f"{self.id} tensors do not match the saved selection: missing {sorted(expected - set(tensors))[:3]}, "
-                f"unexpected {sorted(set(tensors) - expected)[:3]}")
+                f"unexpected {sorted(set(tensors) - expected)[:3]}; the adapter file is incomplete or was edited: "
+                "re-save it from the trained model")
+        for key in sorted(expected):  # copy_ would broadcast a wrong shape silently
+            layer_name, value = key.rsplit(".", 1)
+            want = getattr(layers[layer_name], value).shape
+            if tensors[key].shape != want:
+                raise AdapterLoadError(
+                    f"{self.id} tensor {key} has shape {list(tensors[key].shape)}, the selection needs {list(want)}; "
+                    "the adapter file is corrupt or was edited: re-save it from the trained model")
         with torch.no_grad():
             for name, layer in layers.items():
                 for v in self.value_names:
@@ -146,10 +161,13 @@ def register_method(method: Method) -> Method:
 
 def get_method(method_id: str) -> Method:
     _load_builtin_methods()
+    from subtune.core.errors import UnknownMethodError
+
     try:
         return _REGISTRY[method_id]
-    except KeyError:
-        raise KeyError(f"unknown method {method_id!r}; available methods: {sorted(_REGISTRY)}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable id such as a list
+        raise UnknownMethodError(f"unknown method {method_id!r}; available methods: {sorted(_REGISTRY)} "
+                                 "(see `subtune methods`)") from None
 
 
 def available_methods() -> list[str]:
@@ -158,8 +176,10 @@ def available_methods() -> list[str]:
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    if "method" not in data:
-        raise KeyError(f"config has no 'method' key; add one of {available_methods()}")
+    from subtune.core.config import ConfigError
+
+    if not isinstance(data, dict) or "method" not in data:
+        raise ConfigError(f"a config needs a 'method' key; add one of {available_methods()}")
     return get_method(data["method"]).config_class.from_dict(data)
 
 

@@ -26,6 +26,16 @@ def lora_config_dict(*, r: int, lora_alpha: float, target_modules: list[str], ba
     }
 
 
+REPLACED_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "adapter.safetensors")
+
+
+def write_peft_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Write a PEFT adapter directory atomically (a reader sees the previous export or this one, never a mix)."""
+    with io.atomic_directory(directory, replaces=REPLACED_FILES) as tmp:
+        io.atomic_save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        io.atomic_write_json(tmp / "adapter_config.json", config)
+
+
 def svd_truncate(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of B·A and the relative Frobenius error of the approximation."""
     full = b.double() @ a.double()
@@ -48,6 +58,8 @@ def write_lora_factors(directory: Path, factors: dict[str, tuple[torch.Tensor, t
         raise ExportError("nothing to export: no module has a trained update")
     if fallback not in ("error", "svd"):
         raise ExportError(f"fallback must be 'error' or 'svd', got {fallback!r}")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise ExportError(f"max_rank must be an integer >= 1, got {max_rank!r}; pass e.g. max_rank=512")
     too_big = {name: a.shape[0] for name, (a, _) in factors.items() if a.shape[0] > max_rank}
     svd_errors = {}
     if too_big and fallback == "svd":
@@ -73,9 +85,7 @@ def write_lora_factors(directory: Path, factors: dict[str, tuple[torch.Tensor, t
         rank_pattern={n: k for n, k in ranks.items() if k != r},
         alpha_pattern={n: float(k) for n, k in ranks.items() if k != r},
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    io.atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-    io.atomic_write_json(directory / "adapter_config.json", config)
+    write_peft_adapter(directory, tensors, config)
     info = {"modules": len(factors), "max_rank": r, "ranks": ranks, "directory": str(directory), "exact": not svd_errors}
     if svd_errors:
         info["svd_errors"] = svd_errors

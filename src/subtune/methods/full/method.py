@@ -1,21 +1,11 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from subtune.core.config import MethodConfig
 from subtune.core.errors import AdapterLoadError
 from subtune.core.method import Method, Selection, register_method
-
-
-@dataclass
-class FullConfig(MethodConfig):
-    """Train every weight (embeddings and norms included unless `train_embeddings` is off)."""
-
-    method = "full"
-    train_embeddings: bool = True
+from subtune.methods.full.config import FullConfig
 
 
 class FullMethod(Method):

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from subtune.core.errors import AdapterLoadError
+from subtune.core.config import check_rank_fits
 from subtune.core.method import LayerMethod, Selection, register_method
 from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import find_targets, replace_module
@@ -36,14 +36,13 @@ class LaMDAMethod(LayerMethod):
     def select(self, model, config: LaMDAConfig, calibration) -> Selection:
         """SVD of every target weight (done once; the factors are saved, never recomputed at load)."""
         targets = find_targets(model, config.target_modules)
+        if not isinstance(config, LaMDAPlusConfig):  # LaMDA++ caps each rank at its matrix itself
+            check_rank_fits(self.id, config.r, {n: (m.out_features, m.in_features) for n, m in targets.items()})
         ranks = ranks_for(model, targets, config)
         generator = torch.Generator().manual_seed(config.seed)
         tensors = {}
         for name, module in targets.items():
             r = ranks[name]
-            if r > min(module.in_features, module.out_features):
-                raise AdapterLoadError(f"lamda: rank {r} exceeds min(in, out) of {name} "
-                                       f"({module.out_features}×{module.in_features}); lower r")
             f = init_factors(module.weight, r, config.init, config.lora_alpha / r, generator)
             tensors[f"{name}.A"] = f["A"]
             tensors[f"{name}.B0"] = f["B"]
@@ -74,6 +73,9 @@ class LaMDAMethod(LayerMethod):
             if not residual_init:
                 selection.tensors.pop(f"{name}.B0", None)
                 selection.tensors.pop(f"{name}.S0", None)
+
+    def modifies_base(self, config: LaMDAConfig) -> bool:
+        return config.init in ("svd_identity_residual", "svd_sigma_residual")  # attach subtracts W's principal part
 
     def benchmark_variant(self, model: nn.Module, variant: str) -> None:
         """`b_frozen`: the steady state after the PMB phase (only S trains)."""

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,43 +10,14 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from subtune.core import io
-from subtune.core.config import ConfigError, MethodConfig
+from subtune.core.config import check_rank_fits
 from subtune.core.errors import AdapterLoadError, ExportError
 from subtune.core.method import Method, Selection, register_method
-from subtune.core.peft_format import PEFT_PREFIX
+from subtune.core.peft_format import PEFT_PREFIX, write_peft_adapter
 from subtune.core.surgery import find_targets, replace_module
+from subtune.methods.lora.config import DoraConfig, LoraConfig  # noqa: F401  (re-exported)
 
 ADAPTER = "default"
-
-
-@dataclass
-class LoraConfig(MethodConfig):
-    """PEFT LoRA. Defaults follow the LLM-Adapters/DoRA setup (q, k, v, up, down)."""
-
-    method = "lora"
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r < 1:
-            raise ConfigError(f"{self.method}: r must be >= 1, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"{self.method}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
-
-    def to_peft(self) -> peft.LoraConfig:
-        return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                               target_modules=list(self.target_modules), use_dora=self.method == "dora",
-                               bias="none", task_type="CAUSAL_LM")
-
-
-@dataclass
-class DoraConfig(LoraConfig):
-    """PEFT DoRA (LoRA with a learned magnitude vector)."""
-
-    method = "dora"
 
 
 def _lora_params_per_rank(model_config, targets: list[str]) -> int:
@@ -69,7 +39,8 @@ class PeftLoraMethod(Method):
         self.id, self.config_class, self.paper = method_id, config_class, paper
 
     def attach(self, model: nn.Module, config: LoraConfig, selection: Selection) -> None:
-        find_targets(model, config.target_modules)  # our clear error before PEFT's
+        targets = find_targets(model, config.target_modules)  # our clear error before PEFT's
+        check_rank_fits(self.id, config.r, {n: (m.out_features, m.in_features) for n, m in targets.items()})
         peft.inject_adapter_in_model(config.to_peft(), model, adapter_name=ADAPTER)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -114,9 +85,7 @@ class PeftLoraMethod(Method):
         peft_cfg = config.to_peft()
         peft_cfg.base_model_name_or_path = state.base_name or None
         peft_cfg.inference_mode = True
-        directory.mkdir(parents=True, exist_ok=True)
-        io.atomic_save_tensors(directory / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-        io.atomic_write_json(directory / "adapter_config.json", json.loads(json.dumps(peft_cfg.to_dict(), default=list)))
+        write_peft_adapter(directory, tensors, json.loads(json.dumps(peft_cfg.to_dict(), default=list)))
         return {"modules": len(_lora_layers(model)), "max_rank": config.r, "directory": str(directory)}
 
 

@@ -44,6 +44,9 @@ class SMTMethod(LayerMethod):
     def calibration_batches(self, config: SMTConfig) -> int:
         return config.warmup_steps
 
+    def modifies_base(self, config: SMTConfig) -> bool:
+        return config.warmup_updates  # the official warm-up takes real AdamW steps on the base
+
     def config_for_budget(self, model_config, trainable: int) -> SMTConfig:
         """Blocks of 256 (or the largest power of two dividing the hidden size, for small models) to hit the budget."""
         block = 256
