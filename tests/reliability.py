@@ -20,6 +20,8 @@ class Case:
     error: type[BaseException]
     fragments: tuple[str, ...]
     setup: Callable[[Path], None] | None = None  # writes what must survive untouched (an adapter, a run dir)
+    tries: str = ""  # the bad input in a few words, for docs/RELIABILITY.md
+    before: str = ""  # before issue 10: "clear", "raw", "silent", "silent, data loss" or "new" [+ ": what happened"]
 
 
 def snapshot(root: Path) -> dict[str, str]:
