@@ -9,15 +9,15 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
 
+from subtune.core.calibration import Calibration, accumulate_activation_statistic, accumulate_gradient_statistic
 from subtune.core.config import ConfigError
 from subtune.core.distributed import broadcast_from_rank0
-from subtune.core.errors import SubtuneError
-from subtune.core.surgery import decoder_layers, freeze, head_dim
+from subtune.core.errors import DataError, SubtuneError
+from subtune.core.surgery import decoder_layers, head_dim
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.ops.sliced import INPUT_COLUMNS, OUTPUT_ROWS
 
@@ -98,64 +98,50 @@ def weight_scores(model: nn.Module, comp: Component) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _calibration_passes(model: nn.Module, calibration: Iterable[dict], limit: int, backward: bool) -> None:
-    device = next(model.parameters()).device
-    for i, batch in enumerate(calibration):
-        if i >= limit:
-            break
-        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if backward:
-            model(**batch).loss.backward()
-        else:
-            with torch.no_grad():
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+def _per_index_sq(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """Σ t² per weight column (column slices) or per row (row slices), in fp32 on the CPU."""
+    t = t.detach().float()
+    return ((t * t).sum(0) if kind == INPUT_COLUMNS else (t * t).sum(1)).cpu()
+
+
+def _per_layer_norms(comps: dict[str, Component], layers: int, totals: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([_unit_norms(totals[name, li], comp.unit_size) for li in range(layers)])
+            for name, comp in comps.items()}
+
+
+def _check_read(calibration: Calibration, strategy: str) -> None:
+    if calibration.batches == 0:
+        raise DataError(f"s2ft: the calibration data gave no batch for strategy {strategy!r}; pass calibration "
+                        "batches (dicts with input_ids, attention_mask, labels), or use strategy 'random' or 'weight'")
 
 
 def activation_scores(model: nn.Module, comps: dict[str, Component], calibration, limit: int) -> dict[str, torch.Tensor]:
     """‖A‖₂ per unit: the trained matrix's input for column slices, its output for row slices."""
     layers = decoder_layers(model)
-    sums = {name: torch.zeros(len(layers), c.units * c.unit_size) for name, c in comps.items()}
-    handles = []
-    for name, comp in comps.items():
-        for li, layer in enumerate(layers):
-            def hook(module, inputs, output, name=name, li=li, comp=comp):
-                act = inputs[0] if comp.kind == INPUT_COLUMNS else output
-                sums[name][li] += act.detach().float().pow(2).reshape(-1, act.shape[-1]).sum(0).cpu()
-            handles.append(layer.get_submodule(comp.module).register_forward_hook(hook))
-    try:
-        _calibration_passes(model, calibration, limit, backward=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: torch.stack([_unit_norms(row, comps[name].unit_size) for row in s]) for name, s in sums.items()}
+    modules = {(name, li): layer.get_submodule(comp.module) for name, comp in comps.items()
+               for li, layer in enumerate(layers)}
+
+    def statistic(key, inputs, output):
+        kind = comps[key[0]].kind
+        act = inputs[0] if kind == INPUT_COLUMNS else output
+        return act.detach().float().pow(2).reshape(-1, act.shape[-1]).sum(0).cpu()
+
+    result = accumulate_activation_statistic(model, modules, calibration, statistic, limit=limit,
+                                             desc="s2ft activations")
+    _check_read(result, "activation")
+    return _per_layer_norms(comps, len(layers), result.statistics)
 
 
 def gradient_scores(model: nn.Module, comps: dict[str, Component], calibration, limit: int) -> dict[str, torch.Tensor]:
     """‖∂L/∂W‖ per unit; each weight's gradient is folded into per-unit sums and dropped as soon as it exists."""
     layers = decoder_layers(model)
-    freeze(model)  # gradients for the candidate weights only, never the whole model
-    sums = {name: torch.zeros(len(layers), c.units * c.unit_size) for name, c in comps.items()}
-    weights, handles = [], []
-    for name, comp in comps.items():
-        for li, layer in enumerate(layers):
-            w = layer.get_submodule(comp.module).weight
-            w.requires_grad_(True)
-            weights.append(w)
-
-            def hook(param, name=name, li=li, comp=comp):
-                g = param.grad.detach().float()
-                sums[name][li] += ((g * g).sum(0) if comp.kind == INPUT_COLUMNS else (g * g).sum(1)).cpu()
-                param.grad = None
-            handles.append(w.register_post_accumulate_grad_hook(hook))
-    try:
-        _calibration_passes(model, calibration, limit, backward=True)
-    finally:
-        for h in handles:
-            h.remove()
-        for w in weights:
-            w.requires_grad_(False)
-            w.grad = None
-    return {name: torch.stack([_unit_norms(row, comps[name].unit_size) for row in s]) for name, s in sums.items()}
+    weights = {(name, li): layer.get_submodule(comp.module).weight for name, comp in comps.items()
+               for li, layer in enumerate(layers)}
+    result = accumulate_gradient_statistic(model, weights, calibration,
+                                           lambda key, grad: _per_index_sq(comps[key[0]].kind, grad),
+                                           limit=limit, desc="s2ft gradients")
+    _check_read(result, "gradient")
+    return _per_layer_norms(comps, len(layers), result.statistics)
 
 
 def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str, list[list[int]]]:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from subtune.core import io
+from subtune.core.calibration import accumulate_gradient_statistic
 from subtune.core.errors import DataError, SubtuneError
-from subtune.core.surgery import freeze
 
 MASK_FORMAT = "subtune-senszo-mask"
 FIX = "recompute it for this model with `subtune senszo-mask --model <this model> --out <file>` or subtune.save_mask"
@@ -39,37 +38,14 @@ def per_sample(calibration, limit: int):
 
 def sensitivity(model: nn.Module, targets: dict[str, nn.Linear], calibration, samples: int,
                 progress: bool = True) -> dict[str, torch.Tensor]:
-    scores = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in targets.items()}
-    freeze(model)
-    handles = []
-    for name, m in targets.items():
-        m.weight.requires_grad_(True)
-
-        def fold(param, name=name):
-            scores[name] += param.grad.float().pow(2)
-            param.grad = None
-        handles.append(m.weight.register_post_accumulate_grad_hook(fold))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    seen = 0
-    try:
-        for sample in tqdm(per_sample(calibration, samples), total=samples, desc="sensitivity", disable=not progress,
-                           leave=False):
-            sample = {k: v.to(device) for k, v in sample.items()}
-            if "labels" not in sample:
-                sample["labels"] = sample["input_ids"]
-            model(**sample).loss.backward()
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        freeze(model)
-        model.train(was_training)
-    if seen == 0:
+    """Σ over the first `samples` calibration samples of (∂L/∂W)² per target weight (the diagonal Fisher)."""
+    result = accumulate_gradient_statistic(model, {n: m.weight for n, m in targets.items()},
+                                           per_sample(calibration, samples), "sum_sq", limit=samples,
+                                           desc="sensitivity", progress=progress)
+    if result.batches == 0:
         raise DataError("senszo: the calibration data gave no sample; pass batches with at least one row of "
                         "input_ids (or use mask_source='magnitude' or a mask_path)")
-    return scores
+    return result.statistics
 
 
 def top_indices(scores: dict[str, torch.Tensor], density: float, scope: str) -> dict[str, torch.Tensor]:

@@ -7,12 +7,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from subtune.core.calibration import accumulate_gradient_statistic
 from subtune.core.config import ConfigError
 from subtune.core.distributed import broadcast_from_rank0
 from subtune.core.errors import DataError
-from subtune.core.surgery import find_targets, freeze
+from subtune.core.surgery import find_targets
 from subtune.methods.smt.config import SMTConfig
 from subtune.ops.block_sparse import num_blocks
 
@@ -78,53 +78,25 @@ def check_budget_fits(config: SMTConfig, groups: list[tuple[dict[str, nn.Linear]
 
 def warmup_gradients(model: nn.Module, candidates: dict[str, nn.Linear], calibration, config: SMTConfig,
                      progress: bool = True) -> dict[str, torch.Tensor]:
-    """Signed fp32 sum over warm-up steps of each candidate weight's gradient."""
-    sums = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
-            for name, m in candidates.items()}
-    device = next(model.parameters()).device
+    """Signed fp32 sum over warm-up steps of each candidate weight's gradient (taken before any warm-up update)."""
+    step, step_params = None, ()
     if config.warmup_updates:  # the official mode: real full fine-tuning steps during warm-up
-        for p in model.parameters():
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.warmup_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    else:
-        freeze(model)
-        for m in candidates.values():
-            m.weight.requires_grad_(True)
-    handles = []
-    for name, m in candidates.items():
-        def fold(param, name=name):
-            sums[name] += param.grad.float()
-            if not config.warmup_updates:
-                param.grad = None  # drop each gradient as soon as it is summed
-        handles.append(m.weight.register_post_accumulate_grad_hook(fold))
-    was_training = model.training
-    model.eval()  # no dropout: the gradient at the base weights
-    steps = 0
-    try:
-        for batch in tqdm(calibration, total=config.warmup_steps, desc="smt warm-up", disable=not progress,
-                          leave=False):
-            if steps >= config.warmup_steps:
-                break
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            model(**batch).loss.backward()
-            if config.warmup_updates:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            steps += 1
-    finally:
-        for h in handles:
-            h.remove()
-        freeze(model)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    if steps == 0:
+        step_params = list(model.parameters())
+        optimizer = torch.optim.AdamW(step_params, lr=config.warmup_lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(step_params, 1.0)
+            optimizer.step()
+    result = accumulate_gradient_statistic(model, {n: m.weight for n, m in candidates.items()}, calibration, "sum",
+                                           limit=config.warmup_steps, desc="smt warm-up", progress=progress,
+                                           step=step, step_params=step_params)
+    if result.batches == 0:
         raise DataError("smt: the calibration iterable gave no batch; pass warm-up batches (dicts with input_ids, "
                         "attention_mask, labels)")
-    if steps < config.warmup_steps:
-        warnings.warn(f"smt: warm-up used {steps} batches, fewer than warmup_steps={config.warmup_steps}",
+    if result.batches < config.warmup_steps:
+        warnings.warn(f"smt: warm-up used {result.batches} batches, fewer than warmup_steps={config.warmup_steps}",
                       stacklevel=3)
-    return sums
+    return result.statistics
 
 
 def block_scores(grad_sum: torch.Tensor, block: int, score: str) -> torch.Tensor:
