@@ -38,3 +38,21 @@ class AdapterActiveError(ServeError, RuntimeError):
 
 class RoutingError(ServeError):
     """A batch cannot be routed row by row (names that do not fit the batch, a module that is not a Linear)."""
+
+
+class RequestError(ServeError):
+    """An HTTP request the server refuses (bad JSON, wrong types, out-of-range values, unknown model); carries the
+    HTTP status and OpenAI's error fields so the server can answer it as OpenAI does."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.status, self.code, self.kind = param, status, code, kind
+
+    def to_json(self) -> dict:
+        """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class MissingDependencyError(ServeError, ImportError):
+    """The HTTP server's web stack (fastapi, uvicorn) is not installed."""
