@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny
 from reliability import Case, cases_param, check_case
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import subtune
@@ -73,8 +74,10 @@ def _edited_adapter(edit):
         subtune.save(model, tmp / "a")
         weights, config_file = tmp / "a" / "adapter.safetensors", tmp / "a" / "adapter_config.json"
         tensors = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata()  # keeps the delta table (docs/FORMAT.md)
         edit(tensors)
-        save_file(tensors, str(weights), metadata={"format": "subtune"})
+        save_file(tensors, str(weights), metadata=metadata)
         cfg = json.loads(config_file.read_text())
         cfg["adapter_sha256"] = io.sha256_file(weights)
         config_file.write_text(json.dumps(cfg))

@@ -150,7 +150,7 @@ def test_warmup_updates_mode_changes_the_base_travels_with_the_adapter_and_refus
     with torch.no_grad():
         reloaded = subtune.load(make_tiny(0), tmp_path)(input_ids=batch["input_ids"]).logits
     torch.testing.assert_close(reloaded, trained, atol=0, rtol=0)
-    with pytest.raises(ExportError, match="warmup_updates"):
+    with pytest.raises(ExportError, match="not a pure update of the original base.*merged model"):
         subtune.export_lora(model, tmp_path / "lora")
 
 

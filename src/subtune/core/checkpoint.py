@@ -9,7 +9,9 @@ an unmodified `transformers.Trainer` saves and resumes adapter-only checkpoints:
     dir/adapter/           the subtune adapter (`subtune.load(base, dir / "adapter")`)
     dir/model.safetensors  the trained tensors under their state_dict names (what the Trainer's resume restores);
                            for full fine-tuning and MeZO, where the adapter *is* the model, a hard link to the
-                           adapter's file, so the model is on disk once
+                           adapter's file, so the model is on disk once (its tensors are named
+                           `state.<state_dict name>` there; the prepared model's `load_state_dict` reads them
+                           under their own names)
 
 No config.json is written, so `from_pretrained(dir)` fails loudly instead of building a half-random model; to get a
 plain HF model, `subtune.unload(model)` first, then `save_pretrained`.
@@ -30,16 +32,34 @@ from torch import nn
 ADAPTER_DIR = "adapter"
 TRAINED_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: the file the Trainer's resume reads
 HOOK = "save_pretrained"
+LOAD_HOOK = "_subtune_load_hook"  # the handle of the load_state_dict pre-hook below
+STATE_PREFIX = "state."  # the adapter file's namespace of training state (docs/FORMAT.md)
 
 
 def install_save_hook(model: nn.Module) -> None:
-    """Give `model` the adapter-only `save_pretrained` (a bound method, so `copy.deepcopy` rebinds it)."""
+    """Give `model` the adapter-only `save_pretrained` (a bound method, so `copy.deepcopy` rebinds it), and a
+    `load_state_dict` that reads a hard-linked adapter file (see `_adapter_names`)."""
     model.__dict__[HOOK] = types.MethodType(save_pretrained, model)
+    if LOAD_HOOK not in model.__dict__:
+        model.__dict__[LOAD_HOOK] = model._register_load_state_dict_pre_hook(_adapter_names)
 
 
 def remove_save_hook(model: nn.Module) -> None:
     """Back to the class's own `save_pretrained` (after `unload` the model is a plain HF model again)."""
     model.__dict__.pop(HOOK, None)
+    handle = model.__dict__.pop(LOAD_HOOK, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _adapter_names(state_dict, prefix, *args) -> None:
+    """A model.safetensors hard-linked to the adapter's file names the trained tensors `state.<state_dict name>`
+    (the adapter format's namespace); the Trainer's resume loads it with `model.load_state_dict`, so the names are
+    put back before the model's own keys are matched."""
+    if prefix:
+        return
+    for key in [k for k in state_dict if k.startswith(STATE_PREFIX)]:
+        state_dict[key[len(STATE_PREFIX):]] = state_dict.pop(key)
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -48,10 +68,11 @@ def _key(t: torch.Tensor) -> tuple:
 
 def trained_names(model: nn.Module) -> list[str]:
     """state_dict names of everything training changes: parameters that require grad, and the tensors the method
-    saves (e.g. LaMDA's B after it froze), once per storage (tied weights are written once)."""
+    keeps as training state (e.g. LaMDA's B after it froze), once per storage (tied weights are written once)."""
     from subtune.core.api import state_of
 
-    saved = {_key(t) for t in state_of(model).method.state_dict(model).values() if t.numel()}
+    state = state_of(model)
+    saved = {_key(t) for t in state.method.training_state(model, state).values() if t.numel()}
     names, seen = [], set()
     for name, t in model.state_dict(keep_vars=True).items():
         if not isinstance(t, torch.Tensor) or not t.numel():
@@ -82,13 +103,14 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _link_if_same(adapter_file: Path, target: Path, tensors: dict[str, torch.Tensor], model: nn.Module) -> bool:
-    """Hard-link the adapter's file as the trained-tensor file when it already is one (full FT, MeZO): every trained
-    name is in it and every name in it is a state_dict name of this model."""
+    """Hard-link the adapter's file as the trained-tensor file when it already is one (full FT, MeZO): it holds only
+    training state, every trained name is in it and every name in it is a state_dict name of this model."""
     if not adapter_file.is_file():
         return False
     with safe_open(str(adapter_file), framework="pt") as f:
         keys = set(f.keys())
-    if not (set(tensors) <= keys <= set(model.state_dict())):
+    names = {k[len(STATE_PREFIX):] for k in keys if k.startswith(STATE_PREFIX)}
+    if len(names) != len(keys) or not (set(tensors) <= names <= set(model.state_dict())):
         return False
     tmp = target.with_name(f".{target.name}.link.tmp")
     tmp.unlink(missing_ok=True)

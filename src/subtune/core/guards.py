@@ -19,7 +19,8 @@ from subtune.core.errors import (
 )
 from subtune.core.fingerprint import fingerprint_difference
 
-FORMAT_VERSION = 1  # of adapter_config.json + adapter.safetensors; a reader refuses a newer one
+FORMAT_VERSION = 2  # of adapter_config.json + adapter.safetensors (docs/FORMAT.md); older and newer are refused
+FORMAT_1_RELEASES = "0.1.x"  # the releases that read format 1 (per-method tensors, written by subtune 0.1.0)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PEFT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -112,9 +113,9 @@ def check_finite(tensors: dict[str, torch.Tensor], verb: str, where: str = "") -
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "config": (dict,), "fingerprint": (dict,), "adapter_sha256": (str,), "selection": (dict,),
     "subtune_version": (str,), "format_version": (int,), "base_parameters": (int,),
-    "base_model_name_or_path": (str, type(None)),
+    "base_model_name_or_path": (str, type(None)), "base_changed": (bool,), "deltas": (dict,),
 }
-REQUIRED = ("method", "config", "fingerprint", "adapter_sha256")
+REQUIRED = ("method", "config", "fingerprint", "adapter_sha256", "base_changed")
 
 
 def check_adapter_config(cfg: Any, path: Path, current_version: str) -> None:
@@ -125,28 +126,36 @@ def check_adapter_config(cfg: Any, path: Path, current_version: str) -> None:
     if "peft_type" in cfg and "method" not in cfg:
         raise AdapterLoadError(f"{path} is a PEFT {cfg['peft_type']} adapter, not a subtune adapter; load it with "
                                "peft.PeftModel.from_pretrained(base, directory)")
-    missing = [k for k in REQUIRED if k not in cfg]
-    if missing:
-        raise AdapterLoadError(f"{path} lacks {missing}; it was not written by subtune.save(): re-save the adapter")
     for key, types in _FIELD_TYPES.items():
         value = cfg.get(key)
         if key in cfg and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise AdapterLoadError(f"{path}: field {key!r} must be a JSON {want}, got {value!r}; the file is corrupt "
                                    "or was edited: re-save the adapter")
+    if "method" in cfg:  # versions first: an adapter of another format lacks this format's fields
+        check_versions(cfg, path, current_version)
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise AdapterLoadError(f"{path} lacks {missing}; it was not written by subtune.save(): re-save the adapter")
     if not re.fullmatch(r"[0-9a-f]{64}", cfg["adapter_sha256"]):
         raise AdapterLoadError(f"{path}: adapter_sha256 is not a sha256 hex digest; re-save the adapter")
-    check_versions(cfg, path, current_version)
 
 
 def check_versions(cfg: dict, path: Path, current_version: str) -> None:
     """A newer format, or a newer subtune major version, may mean things this version would read wrongly."""
-    fmt = cfg.get("format_version", 1)
+    fmt = cfg.get("format_version", 1)  # adapters written before format_version existed are format 1
+    written = cfg.get("subtune_version")
     if fmt > FORMAT_VERSION:
         raise AdapterLoadError(f"{path} has format_version {fmt}, newer than this subtune {current_version} reads "
-                               f"(up to {FORMAT_VERSION}); upgrade subtune to the version that wrote it "
-                               f"({cfg.get('subtune_version', 'unknown')})")
-    written = cfg.get("subtune_version")
+                               f"(format {FORMAT_VERSION}); upgrade subtune to the version that wrote it "
+                               f"({written or 'unknown'})")
+    if fmt == 1:
+        raise AdapterLoadError(f"{path} was written by subtune {written or '0.1.0'} in format 1: load it with subtune "
+                               f"{FORMAT_1_RELEASES}, or re-train (this subtune {current_version} reads format "
+                               f"{FORMAT_VERSION}, docs/FORMAT.md)")
+    if fmt < 1:
+        raise AdapterLoadError(f"{path}: format_version {fmt} is not a subtune format; the file is corrupt or was "
+                               "edited: re-save the adapter")
     if written is None:
         return
     try:
@@ -199,8 +208,8 @@ def check_save_target(directory: Path, method_id: str, fp: dict[str, Any]) -> No
                                  f"saving there would replace it: {fix}")
 
 
-def check_export_target(directory: Path) -> None:
-    """A LoRA export may replace an earlier export, never a subtune adapter (its own training result)."""
+def check_export_target(directory: Path, what: str = "a LoRA export") -> None:
+    """An export (`what`) may replace an earlier export, never a subtune adapter (its own training result)."""
     if directory.exists() and not directory.is_dir():
         raise AdapterSaveError(f"{directory} is a file, not a directory; pass a directory path")
     kind, cfg = _existing_config(directory)
@@ -208,4 +217,4 @@ def check_export_target(directory: Path) -> None:
     if kind == "unreadable":
         raise AdapterExistsError(f"{directory} holds an adapter_config.json subtune cannot read; {fix}")
     if (kind == "json" and isinstance(cfg, dict) and "method" in cfg) or (directory / WEIGHTS_FILE).exists():
-        raise AdapterExistsError(f"{directory} holds a subtune adapter; a LoRA export there would replace it: {fix}")
+        raise AdapterExistsError(f"{directory} holds a subtune adapter; {what} there would replace it: {fix}")

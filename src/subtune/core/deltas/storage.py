@@ -80,7 +80,9 @@ def write_delta_file(path: Path, deltas: Mapping[str, Delta], extra: Mapping[str
     if clashing:
         raise DeltaError(f"extra tensor {clashing[0]!r} is inside the delta namespace {prefix!r}; name it "
                          "outside it (e.g. 'state.<name>')")
-    metadata = {"format": "pt", DELTA_METADATA_KEY: json.dumps(table, sort_keys=True, allow_nan=False)}
+    # one header key only: safetensors writes its metadata map in a random order, and equal adapters must be
+    # byte-identical files
+    metadata = {DELTA_METADATA_KEY: json.dumps(table, sort_keys=True, allow_nan=False)}
     return io.atomic_save_tensors(Path(path), _unshared({**tensors, **extra}), metadata=metadata)
 
 
