@@ -29,6 +29,27 @@ def make_tiny(seed: int = 0, *, hidden: int = 32, layers: int = 2, heads: int = 
     return model
 
 
+def selected_device() -> torch.device:
+    """The device tests run on: SUBTUNE_TEST_DEVICE (cpu, the default, or cuda / cuda:N), so the suite runs
+    unchanged on a GPU machine. A CUDA request without a usable GPU fails loudly rather than testing the CPU."""
+    name = os.environ.get("SUBTUNE_TEST_DEVICE", "cpu").strip() or "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"SUBTUNE_TEST_DEVICE={name!r} is not a torch device; use cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"SUBTUNE_TEST_DEVICE={name!r}: the tests run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"SUBTUNE_TEST_DEVICE={name!r} but torch sees no CUDA device; unset it to test "
+                                "on the CPU")
+    return device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return selected_device()
+
+
 @pytest.fixture
 def tiny():
     return make_tiny

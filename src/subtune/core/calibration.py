@@ -4,6 +4,11 @@ S²FT (gradient and activation scores), SMT (warm-up gradients) and SensZOQ (per
 the same pass: freeze the model, let gradients reach only the weights being scored, run calibration batches,
 fold each gradient (or activation) into a running statistic, and put the model back. This module is that pass.
 
+Under a process group (torchrun, accelerate) every rank passes the same calibration batches; each computes on its
+round-robin share and the statistics are summed across ranks, so all ranks hold the same global statistic and
+choose the same weights (a sequential pass with `step` runs whole on every rank and takes rank 0's result). Ranks
+given different batches, or a rank that fails, make every rank raise. core/distributed.py says why.
+
 The mode is eval, for every method. Calibration measures a property of the base model on fixed data (the gradient
 at the base weights, the size of an activation), so it has to be a deterministic function of weights and data:
 eval mode turns dropout off (the same seed and data give the same selection, whatever the dropout RNG) and skips
@@ -18,13 +23,13 @@ the statistic nor get lost; the pass itself leaves none). Only a `step` (SMT's r
 from __future__ import annotations
 
 from contextlib import contextmanager
-from itertools import islice
 from typing import Callable, Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from subtune.core import distributed
 from subtune.core.errors import SubtuneError
 
 GradientStatistic = Callable[[Hashable, torch.Tensor], torch.Tensor]
@@ -83,9 +88,10 @@ def accumulate_gradient_statistic(model: nn.Module, params: Mapping[Hashable, nn
                 if step is None:
                     p.grad = None  # gradient-only: drop it as soon as it is summed
             handles.append(param.register_post_accumulate_grad_hook(fold))
-        seen = 0
+        share = distributed.BatchShare(whole=step is not None)  # a sequential (step) pass cannot be split
+        seen, error = 0, None
         try:
-            for batch in _batches(model, batches, limit, desc, progress):
+            for batch in _batches(model, share.take(batches, limit), share.total(batches, limit), desc, progress):
                 loss = model(**_with_labels(batch)).loss
                 if not loss.requires_grad:
                     raise CalibrationError(f"calibration ({desc}): the loss depends on none of the {len(targets)} "
@@ -96,9 +102,14 @@ def accumulate_gradient_statistic(model: nn.Module, params: Mapping[Hashable, nn
                     step()
                     model.zero_grad(set_to_none=True)
                 seen += 1
+        except Exception as e:  # other ranks must hear of it, or they wait in the next collective
+            error = e
         finally:
             for h in handles:
                 h.remove()
+        seen = share.agree(totals, list(targets), seen, error, desc)
+        if step is not None:
+            distributed.broadcast_tensors_(p.data for p in step_params)  # rank 0's warmed weights on every rank
     missing = [key for key in targets if key not in totals]
     if seen and missing:
         raise CalibrationError(f"calibration ({desc}): no gradient reached {missing[0]!r} ({len(missing)} of "
@@ -124,15 +135,19 @@ def accumulate_activation_statistic(model: nn.Module, modules: Mapping[Hashable,
         return fold
 
     handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
-    seen = 0
+    share = distributed.BatchShare(whole=False)
+    seen, error = 0, None
     try:
         with _calibration_state(model), torch.no_grad():
-            for batch in _batches(model, batches, limit, desc, progress):
+            for batch in _batches(model, share.take(batches, limit), share.total(batches, limit), desc, progress):
                 model(**{k: v for k, v in batch.items() if k != "labels"})
                 seen += 1
+    except Exception as e:  # other ranks must hear of it, or they wait in the next collective
+        error = e
     finally:
         for h in handles:
             h.remove()
+    seen = share.agree(totals, list(modules), seen, error, desc)
     return Calibration({key: totals[key] for key in modules if key in totals}, seen)
 
 
@@ -156,14 +171,12 @@ def _calibration_state(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _batches(model: nn.Module, batches: Iterable[dict], limit: int | None, desc: str,
+def _batches(model: nn.Module, batches: Iterable[dict], total: int | None, desc: str,
              progress: bool) -> Iterator[dict]:
-    """The first `limit` batches (without reading one more), their tensors moved to the model's device."""
+    """The batches, their tensors moved to the model's device (a progress bar on the main process only)."""
     device = next(model.parameters()).device
-    total = limit
-    if hasattr(batches, "__len__"):
-        total = len(batches) if limit is None else min(limit, len(batches))
-    for batch in tqdm(islice(batches, limit), total=total, desc=desc, disable=not progress, leave=False):
+    show = progress and distributed.is_main_process()
+    for batch in tqdm(batches, total=total, desc=desc, disable=not show, leave=False):
         yield {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 

@@ -6,6 +6,9 @@
 z comes from a dedicated torch.Generator per step and direction (never the global RNG), drawn for the tensors in a
 fixed order. Tensors listed in `exact_restore` are copied before the perturbation and copied back afterwards, so
 restoring cannot drift (for the small sparse value vectors); the rest are restored by regenerating z, as MeZO does.
+
+Data parallel: ranks sharing the seeds draw the same z, so averaging the two scalar losses (`reduce=`) is the only
+communication a step needs; no gradient all-reduce, no weight broadcast.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from subtune.core.errors import SubtuneError
+
+
+class ZOError(SubtuneError, ValueError):
+    """A zeroth-order step that cannot be taken as asked (a `reduce` that does not return the reduced losses)."""
 
 
 def _noise(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -28,25 +37,49 @@ def _perturb(tensors: Sequence[torch.Tensor], seed: int, scale: float) -> None:
 
 @torch.no_grad()
 def spsa_step(tensors: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor], seeds: Sequence[int], eps: float,
-              lr: float, exact_restore: bool = True) -> dict:
-    """One ZO-SGD step over `tensors` (modified in place). Returns the losses and projected gradients."""
-    grads, losses = [], []
-    for seed in seeds:
+              lr: float, exact_restore: bool = True,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """One ZO-SGD step over `tensors` (modified in place). Returns the losses and projected gradients.
+
+    `reduce` makes it data parallel with O(1) communication: every rank calls spsa_step with the same seeds on its
+    own part of the batch, and `reduce` (e.g. `subtune.core.distributed.all_reduce_mean`) turns the (directions, 2)
+    fp64 tensor of this rank's L+ and L− into the value over all ranks, in one collective per step. Each rank then
+    draws the same z and applies the same update, so the tensors stay identical without any gradient or weight
+    exchange. The mean of the ranks' losses is the loss over their union only when every rank's loss is a mean over
+    the same number of terms (equal per-rank batches of equal loss-token counts); otherwise pass a weighted reduce.
+    """
+    losses = torch.empty(len(seeds), 2, dtype=torch.float64)
+    for j, seed in enumerate(seeds):
         saved = [t.clone() for t in tensors] if exact_restore else None
         _perturb(tensors, seed, eps)
-        loss_plus = float(loss_fn())
+        losses[j, 0] = float(loss_fn())
         _perturb(tensors, seed, -2 * eps)
-        loss_minus = float(loss_fn())
+        losses[j, 1] = float(loss_fn())
         if saved is not None:
             for t, s in zip(tensors, saved):
                 t.copy_(s)
         else:
             _perturb(tensors, seed, eps)
-        grads.append((loss_plus - loss_minus) / (2 * eps))
-        losses.append((loss_plus + loss_minus) / 2)
+    if reduce is not None:
+        losses = _reduced(reduce, losses)
+    pairs = losses.tolist()
+    grads = [(plus - minus) / (2 * eps) for plus, minus in pairs]
     for seed, g in zip(seeds, grads):
         _perturb(tensors, seed, -lr * g / len(seeds))
-    return {"loss": sum(losses) / len(losses), "projected_grads": grads, "seeds": list(seeds)}
+    return {"loss": sum((plus + minus) / 2 for plus, minus in pairs) / len(pairs), "projected_grads": grads,
+            "seeds": list(seeds)}
+
+
+def _reduced(reduce: Callable[[torch.Tensor], torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
+    """`reduce(losses)` as a CPU fp64 tensor of the same shape, or a ZOError before any tensor is updated."""
+    out = reduce(losses)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(losses.shape):
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise ZOError(f"spsa_step: reduce returned {got}, not the reduced losses of shape {tuple(losses.shape)}; "
+                      "pass a function that returns the reduced tensor, such as "
+                      "subtune.core.distributed.all_reduce_mean (torch.distributed.all_reduce works in place and "
+                      "returns None)")
+    return out.detach().to("cpu", torch.float64)
 
 
 def replay(tensors: Sequence[torch.Tensor], history: Sequence[dict], lr_of_step: Callable[[int], float]) -> None:
