@@ -1,5 +1,6 @@
 """The generic contract every method meets (DESIGN.md, Conventions)."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ from conftest import make_tiny, perturb_trainable
 from method_cases import CASES
 
 import subtune
+from subtune.core.deltas import Delta
 from subtune.core.errors import AdapterLoadError, ExportError, ModelLayoutError
 
 METHODS = sorted(CASES)
@@ -175,3 +177,69 @@ def test_lora_trained_with_the_trainer_reloads_in_a_fresh_process_with_identical
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
     fresh = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(fresh, logits(model, {"input_ids": batch["input_ids"], "attention_mask": None}))
+
+
+# -- the update record read back with no method code ---------------------------------------------------------------
+
+READER = textwrap.dedent("""
+    import json, sys, types
+    from pathlib import Path
+
+    src, tests, root = (Path(a) for a in sys.argv[1:4])
+    package = types.ModuleType("subtune")  # the package without its __init__, which imports every method
+    package.__path__ = [str(src / "subtune")]
+    sys.modules["subtune"] = package
+    sys.path.insert(0, str(tests))
+    from conftest import make_tiny
+    from subtune.core.adapter_format import read_deltas
+    from subtune.core.deltas import write_delta_file
+
+    for adapter in sorted(p for p in root.iterdir() if p.is_dir()):
+        changed = json.loads((adapter / "adapter_config.json").read_text())["base_changed"]
+        deltas = read_deltas(adapter, base=make_tiny(0) if changed else None)
+        write_delta_file(root / f"{adapter.name}.deltas.safetensors", deltas)
+    print(json.dumps(sorted(m for m in sys.modules if m.startswith(("subtune", "peft")))))
+""")
+
+
+@pytest.fixture(scope="module")
+def read_back(tmp_path_factory):
+    """Every CASES row prepared, perturbed and saved; then one fresh interpreter that imports no method reads each
+    adapter with read_deltas and writes the deltas to a plain delta file. Returns (root, trained logits per row,
+    the subtune/peft modules that interpreter had imported)."""
+    root = tmp_path_factory.mktemp("read_back")
+    gen = torch.Generator().manual_seed(123)
+    ids = torch.randint(0, 64, (2, 9), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    trained = {}
+    for method_id in METHODS:
+        model = prepared(method_id, batch)
+        perturb_trainable(model)
+        trained[method_id] = logits(model, batch)
+        subtune.save(model, root / method_id)
+    src = Path(subtune.__file__).parents[1]
+    result = subprocess.run([sys.executable, "-c", READER, str(src), str(Path(__file__).parent), str(root)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, trained, json.loads(result.stdout.splitlines()[-1]), batch
+
+
+def test_reading_deltas_imports_no_method_code(read_back):
+    imported = read_back[2]
+    assert "subtune.core.adapter_format" in imported
+    assert not [m for m in imported if m.startswith(("subtune.methods", "subtune.ops", "peft"))], imported
+
+
+@pytest.mark.parametrize("method_id", METHODS)
+def test_deltas_read_with_no_method_code_merge_into_a_fresh_base_to_the_trained_logits(method_id, read_back):
+    from subtune.core.deltas import read_delta_file
+
+    root, trained, _, batch = read_back
+    deltas, _ = read_delta_file(root / f"{method_id}.deltas.safetensors")
+    assert deltas and all(isinstance(d, Delta) for d in deltas.values())
+    in_process = subtune.read_deltas(root / method_id, base=make_tiny(0))
+    assert in_process.keys() == deltas.keys()
+    assert all(torch.equal(in_process[k].to_dense(), deltas[k].to_dense()) for k in deltas)
+    base = subtune.merge_deltas(make_tiny(0), deltas)
+    assert type(base).__name__ == "LlamaForCausalLM" and not hasattr(base, "subtune_state")
+    torch.testing.assert_close(logits(base, batch), trained[method_id], atol=1e-5, rtol=0)

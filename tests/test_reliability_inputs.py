@@ -498,9 +498,9 @@ def test_numpy_numbers_and_paths_become_plain_values(tmp_path):
 
 
 def test_every_demo_setting_is_a_valid_config():
-    from subtune.recipes import DEMO_METHODS
+    from subtune.recipes import demo_methods
 
-    for method_id, settings in DEMO_METHODS.items():
+    for method_id, settings in demo_methods().items():
         assert make_config(method_id, settings.get("config")).method == method_id
 
 

@@ -49,13 +49,13 @@ def test_a_zo_step_changes_only_the_sparse_values_and_restores_exactly(batch):
     model = subtune.prepare(make_tiny(0), subtune.SensZOConfig(density=0.05, quantize="none", mask_source="magnitude"))
     method = model.subtune_state.method
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("values")}
-    values = [v.clone() for v in method.zo_tensors(model)]
+    values = [v.clone() for v in method.zo_tensors(model, model.subtune_state)]
     from subtune.train.zo import fp32_lm_loss
 
-    spsa_step(method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [5], 1e-3, lr=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(values, method.zo_tensors(model)))  # lr 0: exact restore
-    spsa_step(method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [5], 1e-3, lr=1e-2)
-    assert all(not torch.equal(a, b) for a, b in zip(values, method.zo_tensors(model)))
+    spsa_step(method.zo_tensors(model, model.subtune_state), lambda: fp32_lm_loss(model, batch), [5], 1e-3, lr=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(values, method.zo_tensors(model, model.subtune_state)))  # lr 0: exact restore
+    spsa_step(method.zo_tensors(model, model.subtune_state), lambda: fp32_lm_loss(model, batch), [5], 1e-3, lr=1e-2)
+    assert all(not torch.equal(a, b) for a, b in zip(values, method.zo_tensors(model, model.subtune_state)))
     after = {k: v for k, v in model.state_dict().items() if not k.endswith("values")}
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # every untouched entry is bit-identical
 
@@ -110,7 +110,7 @@ def test_senszo_on_a_4bit_base_trains_with_the_hf_trainer_and_replays(tmp_path):
     config = subtune.SensZOConfig(density=0.01, mask_source="magnitude", quantize="nf4", eps=1e-2)
     subtune.prepare(model, config)
     assert all(type(m.dense).__name__ == "Linear4bit" for m in model.modules() if isinstance(m, DenseAndSparseLinear))
-    initial = [v.clone() for v in model.subtune_state.method.zo_tensors(model)]
+    initial = [v.clone() for v in model.subtune_state.method.zo_tensors(model, model.subtune_state)]
     tok = CharTokenizer()
     records = [{"instruction": f"say {i}", "output": f"value {i % 3}"} for i in range(16)]
     trainer = build_trainer(model, tok, records, tmp_path, max_steps=4, batch_size=4, learning_rate=1e-3,
@@ -121,7 +121,7 @@ def test_senszo_on_a_4bit_base_trains_with_the_hf_trainer_and_replays(tmp_path):
     trainer.train()
     history = json.loads((tmp_path / "checkpoint-4" / "zo_history.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2, 3]
-    final = model.subtune_state.method.zo_tensors(model)
+    final = model.subtune_state.method.zo_tensors(model, model.subtune_state)
     assert any(not torch.equal(a, b) for a, b in zip(initial, final))
     replayed = [v.clone() for v in initial]
     replay(replayed, history, lambda step: history[step]["lr"])
@@ -133,14 +133,14 @@ def test_senszo_on_a_4bit_base_trains_with_the_hf_trainer_and_replays(tmp_path):
 def test_mezo_perturbs_every_weight_and_restores_by_regeneration(batch):
     model = subtune.prepare(make_tiny(0), subtune.MeZOConfig())
     method = model.subtune_state.method
-    before = [t.clone() for t in method.zo_tensors(model)]
+    before = [t.clone() for t in method.zo_tensors(model, model.subtune_state)]
     from subtune.train.zo import fp32_lm_loss
 
-    spsa_step(method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [1], 1e-3, lr=0.0, exact_restore=False)
-    drift = max(float((a - b).abs().max()) for a, b in zip(before, method.zo_tensors(model)))
+    spsa_step(method.zo_tensors(model, model.subtune_state), lambda: fp32_lm_loss(model, batch), [1], 1e-3, lr=0.0, exact_restore=False)
+    drift = max(float((a - b).abs().max()) for a, b in zip(before, method.zo_tensors(model, model.subtune_state)))
     assert drift < 1e-6  # fp32: regeneration restores to rounding
-    spsa_step(method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [1], 1e-3, lr=1e-3, exact_restore=False)
-    assert all(not torch.equal(a, b) for a, b in zip(before, method.zo_tensors(model)))
+    spsa_step(method.zo_tensors(model, model.subtune_state), lambda: fp32_lm_loss(model, batch), [1], 1e-3, lr=1e-3, exact_restore=False)
+    assert all(not torch.equal(a, b) for a, b in zip(before, method.zo_tensors(model, model.subtune_state)))
 
 
 def test_choice_objective_is_cross_entropy_over_candidate_mean_log_likelihoods():
@@ -226,7 +226,7 @@ def test_nf4_merge_equals_the_trained_model_after_eval_forwards_and_a_zo_step(av
     model.eval()
     with torch.inference_mode():  # what every ZO step and every eval does
         model(input_ids=ids)
-        spsa_step(model.subtune_state.method.zo_tensors(model), lambda: fp32_lm_loss(model, batch), [3], 1e-3, 1e-2)
+        spsa_step(model.subtune_state.method.zo_tensors(model, model.subtune_state), lambda: fp32_lm_loss(model, batch), [3], 1e-3, 1e-2)
     with torch.no_grad():
         trained = model(input_ids=ids).logits
     for m, (data, state) in zip(layers, original):

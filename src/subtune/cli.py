@@ -232,6 +232,32 @@ def demo(task, method_list, steps, limit, output) -> None:
     click.echo(format_demo_table(task, rows))
 
 
+SERVE_ONLY = {"widths": "--widths", "switch_presets": "--switch-presets", "adapter_counts": "--adapters",
+              "rows": "--rows", "prompt_len": "--prompt-len", "new_tokens": "--new-tokens", "rounds": "--rounds",
+              "gen_rounds": "--gen-rounds"}
+TRAINING_ONLY = {"method_list": "--methods", "batch": "--batch", "seq": "--seq", "steps": "--steps",
+                 "grad_checkpointing": "--grad-checkpointing", "budget": "--budget"}
+
+
+def _given(ctx, names: dict[str, str]) -> list[str]:
+    """The flags among `names` that the user actually gave (not left at their default)."""
+    from click.core import ParameterSource
+
+    return [flag for name, flag in names.items()
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+
+
+def int_list_option(value: str, flag: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; 'none' or '' -> []."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers (e.g. 1,4,16)",
+                                 param_hint=f"'{flag}'") from None
+
+
 @main.command()
 @click.option("--methods", "method_list", default="full,lora,dora,s2ft", show_default=True,
               help="comma-separated method ids")
@@ -240,28 +266,78 @@ def demo(task, method_list, steps, limit, output) -> None:
 @click.option("--seq", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="timed optimizer steps")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="untimed steps first")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="untimed steps first (--serve: untimed switches [3])")
 @click.option("--grad-checkpointing", is_flag=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--budget", type=click.IntRange(min=1), default=None,
               help="trainable values per method [LoRA r=16's count]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per run [torch's default]")
 @click.option("--out", default="bench-out", show_default=True, help="directory for the table, JSON and PNG")
+@click.option("--serve", is_flag=True,
+              help="the serving bench instead: adapter switch time and mixed-batch generation, subtune vs PEFT LoRA")
+@click.option("--widths", default="1024,2048,4096,8192,16384", show_default=True,
+              help="--serve: square layer widths of the per-layer switch ('none': skip)")
+@click.option("--switch-presets", default="llama2-7b:bf16", show_default=True,
+              help="--serve: more whole-model switches besides --preset, NAME[@LAYERS][:DTYPE], comma-separated "
+                   "('none': only --preset)")
+@click.option("--adapters", "adapter_counts", default="1,4,16", show_default=True,
+              help="--serve: adapters per mixed batch (K)")
+@click.option("--rows", type=click.IntRange(min=1), default=16, show_default=True, help="--serve: batch rows")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--serve: prompt tokens per row")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--serve: greedy tokens generated per row")
+@click.option("--rounds", type=click.IntRange(min=1), default=30, show_default=True,
+              help="--serve: timed switches per system")
+@click.option("--gen-rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--serve: timed generate calls per system and K")
+@click.pass_context
 @_fail_cleanly
-def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpointing, device, budget, out) -> None:
-    """Time and memory of every method side by side, with the floors (each configuration in a fresh process)."""
-    from subtune.bench import BenchSpec, markdown_table, run_bench, write_outputs
+def bench(ctx, method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpointing, device, budget, threads,
+          out, serve, widths, switch_presets, adapter_counts, rows, prompt_len, new_tokens, rounds,
+          gen_rounds) -> None:
+    """Time and memory of every method side by side, with the floors (each configuration in a fresh process);
+    with --serve, serving many adapters instead: switch time and mixed-batch tokens/s, subtune vs PEFT LoRA."""
     from subtune.bench.presets import preset_config
 
-    methods_ = method_list_option(method_list, "--methods")  # unknown ids fail here, before any run
-    preset_config(preset)  # an unknown preset too (each run would only record it as its error)
+    wrong = _given(ctx, TRAINING_ONLY if serve else SERVE_ONLY)
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
+                               f"{'training-bench' if serve else '--serve'} option(s); "
+                               f"{'drop them or drop --serve' if serve else 'add --serve or drop them'}")
+    preset_config(preset)  # an unknown preset fails here (each run would only record it as its error)
     check_writable(out, "--out")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise click.ClickException("--device cuda: no CUDA device is visible to torch")
+    if serve:
+        from subtune.bench import serve as serve_bench
+
+        spec = serve_bench.ServeBenchSpec(
+            preset=preset, device=device, dtype=dtype, widths=int_list_option(widths, "--widths"),
+            switch_presets=[] if switch_presets.strip().lower() in ("", "none") else
+            [p.strip() for p in switch_presets.split(",") if p.strip()],
+            adapter_counts=int_list_option(adapter_counts, "--adapters"), rows=rows, prompt_len=prompt_len,
+            new_tokens=new_tokens, rounds=rounds, gen_rounds=gen_rounds, threads=threads,
+            **({"warmup": warmup} if _given(ctx, {"warmup": "--warmup"}) else {}))
+        serve_bench.check_spec(spec)  # every option before the first (minutes-long) job
+        report = serve_bench.run_serve_bench(spec)
+        paths = serve_bench.write_outputs(report, Path(out))
+        click.echo(serve_bench.markdown_table(report))
+        click.echo("\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
+        problems = serve_bench.guard_failures(report)
+        if problems:
+            raise click.ClickException("the serving bench's figures are not trustworthy: " + "; ".join(problems))
+        return
+    from subtune.bench import BenchSpec, markdown_table, run_bench, write_outputs
+
+    methods_ = method_list_option(method_list, "--methods")  # unknown ids fail here, before any run
     report = run_bench(BenchSpec(methods=methods_, preset=preset, batch=batch, seq=seq, dtype=dtype, steps=steps,
-                                 warmup=warmup, grad_checkpointing=grad_checkpointing, device=device, budget=budget))
+                                 warmup=warmup, grad_checkpointing=grad_checkpointing, device=device, budget=budget,
+                                 threads=threads))
     paths = write_outputs(report, Path(out))
     click.echo(markdown_table(report))
     click.echo("\n" + "\n".join(f"{k}: {v}" for k, v in paths.items()))
@@ -279,24 +355,18 @@ def bench(method_list, preset, batch, seq, dtype, steps, warmup, grad_checkpoint
 @_fail_cleanly
 def senszo_mask(model_name, out, density, samples, seq, data, scope) -> None:
     """Compute SensZOQ's sensitive-weight mask once and save it (reuse it with --mask_path for any task)."""
-    from subtune.core.surgery import find_targets
-    from subtune.data.loaders import calibration_batches, load_records
-    from subtune.methods.senszo import SensZOConfig, save_mask
-    from subtune.methods.senszo.mask import compute_mask
-    from subtune.zoo import corpus_calibration, load_model
+    from subtune.data.loaders import load_records
+    from subtune.methods.senszo import SensZOConfig, build_mask
+    from subtune.zoo import load_model
 
-    config = SensZOConfig(density=density, scope=scope, calibration_samples=samples)
+    config = SensZOConfig(density=density, scope=scope, calibration_samples=samples,
+                          calibration_source="train" if data else "corpus")
     check_writable(out, "--out", is_file=True)
     records = load_records(data) if data else None  # data errors before the model loads
     model, tokenizer = load_model(model_name)
-    calibration = (calibration_batches(tokenizer, records, batch_size=1, num_batches=samples)
-                   if data else corpus_calibration(tokenizer, samples=samples, seq=seq))
-    targets = find_targets(model, config.target_modules)
-    mask = compute_mask(model, targets, config, calibration)
-    save_mask(mask, out, {n: tuple(m.weight.shape) for n, m in targets.items()})
-    total = sum(m.weight.numel() for m in targets.values())
-    click.echo(f"mask: {sum(i.numel() for i in mask.values()):,} of {total:,} weights "
-               f"({100 * density:.3f}%) over {len(mask)} matrices -> {out}")
+    mask = build_mask(model, config, out, tokenizer, records, seq=seq)
+    click.echo(f"mask: {mask.selected:,} of {mask.total:,} weights ({100 * density:.3f}%) over {mask.matrices} "
+               f"matrices -> {out}")
 
 
 @main.command()
@@ -319,10 +389,63 @@ def export(adapter, out, fmt, model_name, max_rank) -> None:
     if fmt == "lora":
         click.echo(json.dumps(api.export_lora(model, out, max_rank=max_rank), indent=2))
     else:
-        api.unload(model)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        api.export_merged(model, out, tokenizer)
         click.echo(f"merged model written to {out}")
+
+
+def adapter_pairs(values: tuple[str, ...], base_id: str) -> list[tuple[str, Path]]:
+    """['cs=runs/cs/adapter', ...] -> [(name, dir)], every name and directory checked before the model loads."""
+    pairs: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory:
+            raise click.BadParameter(f"{value!r} is not NAME=DIR; give e.g. --adapter cs=runs/cs/adapter",
+                                     param_hint="'--adapter'")
+        if name in pairs or name == base_id:
+            taken = "the base model's id (--model)" if name == base_id else "another adapter's name"
+            raise click.BadParameter(f"adapter name {name!r} is {taken}; give each adapter its own name",
+                                     param_hint="'--adapter'")
+        if not Path(directory).is_dir():
+            raise click.BadParameter(f"{directory} is not a directory; give the adapter directory that "
+                                     "subtune train / subtune.save wrote", param_hint="'--adapter'")
+        pairs[name] = Path(directory)
+    return list(pairs.items())
+
+
+@main.command(name="serve")
+@click.option("--model", "model_name", default="default", show_default=True,
+              help="'default' or a local HF directory; also the base's model id in /v1/models")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+              help="serve the adapter saved in DIR as model NAME (repeat for more)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (no authentication: keep loopback unless something guards the port)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="most prompts generated together in one batch")
+@click.option("--batch-window-ms", type=FiniteFloatRange(min=0.0), default=5.0, show_default=True,
+              help="how long a batch waits for more requests after its first one")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="largest max_tokens a request may ask for")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@_fail_cleanly
+def serve_cmd(model_name, adapters, host, port, max_batch_size, batch_window_ms, max_tokens_limit, dtype) -> None:
+    """OpenAI-compatible HTTP server (/v1/models, /v1/completions) for the base and its adapters, batched."""
+    from subtune.serve import AdapterStore
+    from subtune.serve import http
+    from subtune.zoo import load_model, resolve_model_path
+
+    pairs = adapter_pairs(adapters, model_name)
+    resolve_model_path(model_name)
+    http.bind(host, port).close()  # a port in use fails now, not after the model has loaded
+    model, tokenizer = load_model(model_name, dtype)
+    store = AdapterStore(model)
+    for name, directory in pairs:
+        store.add(name, directory)
+        click.echo(f"adapter {name}: {directory} ({store.memory(name) / 2**20:.2f} MiB)")
+    click.echo(f"serving {model_name!r} and {len(pairs)} adapter(s) on http://{host}:{port}/v1")
+    http.serve(store, tokenizer, host=host, port=port, base_name=model_name, max_batch_size=max_batch_size,
+               batch_window_ms=batch_window_ms, max_tokens_limit=max_tokens_limit)
 
 
 if __name__ == "__main__":

@@ -15,27 +15,22 @@ import yaml
 
 from subtune.core import api
 from subtune.core.config import ConfigError, MethodConfig
-from subtune.core.method import get_method
-from subtune.data.loaders import calibration_batches, load_records
+from subtune.core.method import get_method, registered_methods
+from subtune.data.calibration import calibration_for
+from subtune.data.loaders import load_records
 from subtune.eval.evaluate import EvalResult, evaluate
 from subtune.train.trainer import build_trainer
 
-# Demo settings per method on the embedded model: learning rates from a short sweep on the commonsense task (each
-# method needs its own: full FT far less than adapters; LaMDA's orthonormal projections and S²FT's slices more), and
-# budgets of the same order as LoRA r=16 (5.5% of the model). Zeroth-order methods get 3× the steps: a ZO step costs
-# two forwards and no backward, and ZO needs many more steps than gradient methods (MeZO: 2×, it perturbs every
-# weight four times a step).
-DEMO_METHODS: dict[str, dict[str, Any]] = {
-    "full": {"lr": 3e-4},
-    "lora": {"lr": 5e-3},
-    "dora": {"lr": 5e-3},
-    "s2ft": {"lr": 2e-2, "config": {"o_ratio": 0.25, "v_ratio": 0.5, "d_ratio": 0.1, "u_ratio": 0.1}},
-    "smt": {"lr": 1e-2, "config": {"block_size": 32, "ratio": 0.05, "warmup_steps": 8}},
-    "lamda": {"lr": 2e-2, "config": {"r": 16}},
-    "lamda++": {"lr": 2e-2, "config": {"r": 16, "rank_min": 8, "rank_max": 64}},
-    "senszo": {"lr": 1e-2, "steps_factor": 3, "config": {"calibration_source": "train", "calibration_samples": 16}},
-    "mezo": {"lr": 1e-4, "steps_factor": 2},
-}
+
+def demo_methods() -> dict[str, dict[str, Any]]:
+    """{method id: its demo settings} for every registered method that has some (`Method.demo`), in registry order.
+
+    The settings live with each method: learning rates from a short sweep on the embedded commonsense task (full FT
+    needs far less than adapters; LaMDA's orthonormal projections and S²FT's slices more), budgets of the order of
+    LoRA r=16 (5.5% of the model), and more steps for zeroth-order methods (`steps_factor`: a ZO step costs two
+    forwards and no backward, and ZO needs many more steps than gradient methods).
+    """
+    return {m.id: copy.deepcopy(m.demo) for m in registered_methods() if m.demo is not None}
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:
@@ -117,15 +112,8 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
     check_answers_fit(tokenizer, train_records, train_kwargs.get("max_length", DEFAULT_MAX_LENGTH),
                       train_kwargs.get("train_on_inputs", False), names.get("max_length", "max_length"))
     transformers.set_seed(seed)
-    calibration = None
-    wanted = get_method(config.method).calibration_batches(config)
-    if wanted and getattr(config, "calibration_source", "train") == "corpus":
-        from subtune.zoo import corpus_calibration
-
-        calibration = corpus_calibration(tokenizer, samples=wanted)
-    elif wanted:  # the first training batches (SMT: its warm-up)
-        calibration = calibration_batches(tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16),
-                                          num_batches=wanted)
+    # the method's source: the first training batches (e.g. SMT's warm-up) or the embedded corpus (SensZOQ)
+    calibration = calibration_for(config, tokenizer, train_records, batch_size=train_kwargs.get("batch_size", 16))
     api.prepare(model, config, calibration=calibration)
     if checkpoint is not None:
         runs.check_resume_selection(model, checkpoint)
@@ -168,14 +156,15 @@ def run_demo(task: str = "commonsense", methods: list[str] | None = None, steps:
     """Zero-shot accuracy of the embedded model, then each method fine-tuned for `steps` and evaluated."""
     from subtune.zoo import load_model
 
-    methods = methods or list(DEMO_METHODS)
+    settings_of = demo_methods()
+    methods = methods or list(settings_of)
     train = load_records(task, "train")
     test = load_records(task, "test", need_answer=True)[:limit]
     base, tokenizer = load_model(model_name)
     before = evaluate(base, tokenizer, test, with_perplexity=False, progress=False)
     rows = []
     for method_id in methods:
-        settings = DEMO_METHODS.get(method_id, {"lr": get_method(method_id).default_lr})
+        settings = settings_of.get(method_id) or {"lr": get_method(method_id).default_lr}
         model = copy.deepcopy(base)
         start = time.perf_counter()
         method_steps = steps * settings.get("steps_factor", 1)

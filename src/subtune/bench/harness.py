@@ -33,10 +33,25 @@ class BenchSpec:
 
 
 def default_budget(preset: str) -> int:
+    """LoRA r=16's trainable count on its default targets: the budget every method is matched to."""
     from subtune.bench.presets import preset_config
+    from subtune.core.config import LORA_TARGETS
     from subtune.methods.lora.method import _lora_params_per_rank
 
-    return 16 * _lora_params_per_rank(preset_config(preset), ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    return 16 * _lora_params_per_rank(preset_config(preset), list(LORA_TARGETS))
+
+
+def own_base_floors(method_kinds: list[str]) -> list[str]:
+    """The floors measured on a method's own base (`Method.own_base_floor`, e.g. SensZOQ's 4-bit model): inference,
+    and for a zeroth-order method its two forwards, each as `floor:...+<method>`."""
+    from subtune.core.method import get_method
+
+    out = []
+    for kind in method_kinds:
+        method = get_method(kind.partition("@")[0])
+        if method.own_base_floor:
+            out += [f"{floor}+{kind}" for floor in ("floor:inference", *([ZO_FLOOR] if method.zeroth_order else []))]
+    return out
 
 
 def run_one(spec: BenchSpec, kind: str) -> dict:
@@ -56,11 +71,9 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
 
     spec.budget = spec.budget or default_budget(spec.preset)
     kinds = list(spec.methods) + FLOORS
-    zo_methods = [m for m in spec.methods if getattr(get_method(m.partition("@")[0]), "zeroth_order", False)]
-    if zo_methods:
+    if any(get_method(m.partition("@")[0]).zeroth_order for m in spec.methods):
         kinds.append(ZO_FLOOR)
-        # a ZO method's own base (e.g. SensZOQ's 4-bit model) has its own floors: one and two inference forwards
-        kinds += [f"{floor}+{m}" for m in zo_methods if m != "mezo" for floor in ("floor:inference", ZO_FLOOR)]
+    kinds += own_base_floors(spec.methods)
     results = []
     bar = tqdm(kinds, desc="bench", disable=not progress)
     for kind in bar:
@@ -83,29 +96,37 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}×" if b else "–"
 
 
+def references() -> list[tuple[str, str]]:
+    """(label, method id) of every method the table compares with (`Method.bench_reference`), in registry order."""
+    from subtune.core.method import registered_methods
+
+    return [(m.bench_reference, m.id) for m in registered_methods() if m.bench_reference]
+
+
 def markdown_table(report: dict) -> str:
     spec = report["spec"]
     ok = {r["kind"]: r for r in report["results"] if "error" not in r}
-    full, lora, floor = ok.get("full"), ok.get("lora"), ok.get("floor:frozen_backward")
+    # the ratio columns: each reference method, then the frozen-backward floor (a missing run gives "–")
+    refs = [(label, ok.get(method_id)) for label, method_id in references()]
+    refs.append(("floor", ok.get("floor:frozen_backward")))
     head = (f"preset `{spec['preset']}`, batch {spec['batch']} × {spec['seq']}, {spec['dtype']}, device "
             f"{spec['device']}, {spec['steps']} timed steps after {spec['warmup']} warm-up, trainable budget "
             f"{spec['budget']:,}" + (", gradient checkpointing" if spec["grad_checkpointing"] else ""))
+    ratio_head = "".join(f" time vs {label} | mem vs {label} |" for label, _ in refs)
     lines = [head, "",
              "| method | trainable | s/step (median [min–max]) | tokens/s | peak mem above load (MiB) | "
-             "total peak (MiB) | time vs full | mem vs full | time vs LoRA | mem vs LoRA | time vs floor | "
-             "mem vs floor |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "total peak (MiB) |" + ratio_head,
+             "|---|---:|---|---:|---:|---:|" + "---:|" * (2 * len(refs))]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['kind']} | failed: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['kind']} | failed: {r['error'][:80]} |" + " |" * (4 + 2 * len(refs)))
             continue
         t, m = r["median_s"], r["peak_mib"]
+        ratios = "".join(f" {_ratio(t, ref and ref['median_s'])} | {_ratio(m, ref and ref['peak_mib'])} |"
+                         for _, ref in refs)
         lines.append(
             f"| {r['kind']} | {r['trainable']:,} | {t:.3f} [{r['min_s']:.3f}–{r['max_s']:.3f}] | "
-            f"{r['tokens_per_s']:.0f} | {m:.0f} | {r['total_peak_mib']:.0f} | {_ratio(t, full and full['median_s'])} | "
-            f"{_ratio(m, full and full['peak_mib'])} | {_ratio(t, lora and lora['median_s'])} | "
-            f"{_ratio(m, lora and lora['peak_mib'])} | {_ratio(t, floor and floor['median_s'])} | "
-            f"{_ratio(m, floor and floor['peak_mib'])} |")
+            f"{r['tokens_per_s']:.0f} | {m:.0f} | {r['total_peak_mib']:.0f} |" + ratios)
     for kind, r in ok.items():  # a ZO method against inference on its own (e.g. 4-bit) base
         base_floor = ok.get(f"floor:inference+{kind}")
         if base_floor:

@@ -33,7 +33,10 @@ class Memory:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
+        from subtune.core.errors import BenchError
+
+        raise BenchError(f"{field} is not in /proc/self/status, so CPU peak memory cannot be measured here (it needs "
+                         "Linux); run the benchmark on Linux, or with --device cuda")
 
     def release_and_reset(self) -> None:
         """Return freed memory to the OS and restart the peak, keeping the post-load baseline."""
@@ -84,6 +87,7 @@ def _sync(device: str) -> None:
 def run(spec: dict) -> dict:
     import subtune
     from subtune.bench.presets import preset_config
+    from subtune.data.calibration import calibration_for
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -108,7 +112,7 @@ def run(spec: dict) -> dict:
         method = subtune.get_method(prepared_with)
         method_config = method.config_for_budget(config, spec["budget"]) if spec.get("budget") else \
             method.config_class()
-        calibration = [{"input_ids": ids, "labels": ids}] * method.calibration_batches(method_config) or None
+        calibration = calibration_for(method_config, batch={"input_ids": ids, "labels": ids})
         subtune.prepare(model, method_config, calibration=calibration)
         if variant:
             method.benchmark_variant(model, variant)
@@ -132,10 +136,19 @@ def run(spec: dict) -> dict:
                     for _ in range(passes):
                         model(input_ids=ids, labels=ids).loss.item()
         else:
-            raise ValueError(f"unknown floor {kind!r}")
-    elif getattr(method, "benchmark_step", None) is not None:  # zeroth-order: the method's own forward-only step
+            from subtune.core.errors import BenchError
+
+            raise BenchError(f"unknown floor {kind!r}; the floors are floor:inference, floor:frozen_backward and "
+                             "floor:zo_two_forwards (optionally +<method>)")
+    elif method.zeroth_order:  # forward-only: the same SPSA step as the ZO trainer's (train/zo.py)
+        from subtune.core.api import state_of
+        from subtune.train.zo import zo_step
+
+        state = state_of(model)
+        seeds = list(range(state.config.directions))
+
         def step():
-            method.benchmark_step(model, {"input_ids": ids, "labels": ids})
+            zo_step(model, state, {"input_ids": ids, "labels": ids}, 1e-6, seeds)
     else:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -161,7 +174,7 @@ def run(spec: dict) -> dict:
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
         "cpu_median_s": statistics.median(cpu_times), "cpu_min_s": min(cpu_times),
         "tokens_per_s": spec["batch"] * spec["seq"] / statistics.median(times),
-        "base_parameters": (model.subtune_state.base_parameters if hasattr(model, "subtune_state")
+        "base_parameters": (subtune.core.api.state_of(model).base_parameters if prepared_with
                             else sum(p.numel() for p in model.parameters())),
     }
     result.update(memory.peak())

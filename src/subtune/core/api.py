@@ -1,8 +1,11 @@
-"""The public verbs: prepare, save, load, merge, unmerge, unload, export_lora, trainable_summary.
+"""The public verbs: prepare, save, load, merge, unmerge, unload, export_lora, read_deltas, merge_deltas,
+trainable_summary.
 
 They work on an ordinary HF causal LM and dispatch to the method named in the config; none of them knows a method.
 Every verb checks its inputs before it changes anything (core/guards.py); prepare and load either finish or leave
 the model exactly as it was (core/rollback.py); save and export write whole directories atomically (core/io.py).
+What an adapter holds is the method's update record, its deltas (core/deltas), in the format of
+core/adapter_format.py (docs/FORMAT.md): reading, merging and exporting one needs no method code.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from subtune import __version__
+from subtune.core import adapter_format as fmt
 from subtune.core import guards, io
+from subtune.core.adapter_format import (  # noqa: F401 (re-exported)
+    SELECTION_PREFIX, STATE_PREFIX, AdapterContents, merge_deltas, read_deltas,
+)
 from subtune.core.config import ConfigError, MethodConfig
-from subtune.core.errors import AdapterLoadError, SubtuneError
+from subtune.core.deltas import lora_factors
+from subtune.core.errors import AdapterLoadError, ExportError, SelectionError, SubtuneError
 from subtune.core.fingerprint import check_fingerprint, fingerprint
 from subtune.core.guards import ADAPTER_FILES, CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE  # noqa: F401 (re-exported)
 from subtune.core.method import Method, Selection, get_method
+from subtune.core.peft_format import write_lora_factors
 from subtune.core.rollback import seeded, transaction
 from subtune.core.surgery import decoder_layers, freeze
 
-SELECTION_PREFIX = "selection."
+__version__ = fmt.installed_version()  # importlib.metadata: the core imports nothing above it (no cycle)
 STATE_ATTR = "subtune_state"
 
 
@@ -90,16 +98,22 @@ def _attach_state(model, method, config, selection) -> AdapterState:
     return state
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What `save` writes: the trained values and the selection's index tensors (prefixed)."""
+def adapter_contents(model: nn.Module) -> AdapterContents:
+    """What `save` writes: the method's deltas, the selection's tensors and the method's training state (all
+    detached, sharing storage with the model where they can)."""
     state = state_of(model)
-    tensors = dict(state.method.state_dict(model))
-    tensors.update({SELECTION_PREFIX + k: v for k, v in state.selection.tensors.items()})
-    return tensors
+    return AdapterContents(state.method.deltas(model, state), dict(state.selection.tensors),
+                           state.method.training_state(model, state))
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor `save` writes, under its name in adapter.safetensors (docs/FORMAT.md)."""
+    return adapter_contents(model).tensors()
 
 
 def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, allow_nonfinite: bool = False) -> Path:
-    """Write `adapter_config.json` + `adapter.safetensors` (trained values, selection indices, base fingerprint).
+    """Write `adapter_config.json` + `adapter.safetensors` in format 2 (docs/FORMAT.md): the deltas, the selection,
+    the training state and the base fingerprint.
 
     The directory is replaced atomically: a reader (or a crash) sees the old adapter or the new one, never a mix.
     Refuses, before writing anything, an adapter holding NaN/inf (unless `allow_nonfinite`) and a directory holding
@@ -107,9 +121,9 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, al
     """
     state = state_of(model)
     directory = guards.as_directory(directory, "save")
-    tensors = adapter_tensors(model)
+    contents = adapter_contents(model)
     if not allow_nonfinite:
-        guards.check_finite(tensors, "save")
+        guards.check_finite(contents.tensors(), "save")
     if not overwrite:
         guards.check_save_target(directory, state.method.id, state.fingerprint)
     config = {
@@ -121,22 +135,18 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, al
         "fingerprint": state.fingerprint,
         "base_model_name_or_path": state.base_name,
         "base_parameters": state.base_parameters,
+        "base_changed": state.method.base_changed(state),
+        "deltas": fmt.delta_summary(contents.deltas),
     }
     with io.atomic_directory(directory, replaces=ADAPTER_FILES) as tmp:
-        config["adapter_sha256"] = io.atomic_save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "subtune"})
+        config["adapter_sha256"] = fmt.write_adapter_file(tmp / WEIGHTS_FILE, contents)
         io.atomic_write_json(tmp / CONFIG_FILE, config)
     return directory
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The checked adapter_config.json of a subtune adapter directory (types, required fields, versions)."""
-    directory = guards.as_directory(directory, "load")
-    io.recover_directory(directory)  # a save killed between its two fallback renames left the old one aside
-    if not directory.is_dir():
-        raise AdapterLoadError(f"adapter directory {directory} does not exist; pass a directory written by subtune.save()")
-    cfg = io.read_json(directory / CONFIG_FILE)
-    guards.check_adapter_config(cfg, directory / CONFIG_FILE, __version__)
-    return cfg
+    return fmt.read_config(guards.as_directory(directory, "load"), __version__)
 
 
 def _method_and_config(cfg: dict[str, Any], directory: Path) -> tuple[Method, MethodConfig]:
@@ -153,10 +163,12 @@ def _method_and_config(cfg: dict[str, Any], directory: Path) -> tuple[Method, Me
 
 
 def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False) -> nn.Module:
-    """Attach a saved adapter to a fresh copy of the base it was trained on.
+    """Attach a saved adapter to a fresh copy of the base it was trained on: the method attaches from the saved
+    selection, then `restore` puts the saved deltas and training state back (docs/FORMAT.md).
 
     Checks everything it can before changing `model` (config fields, versions, fingerprint, checksum, finite
-    values); a failure while attaching (a tensor of the wrong shape, an index out of range) restores the model.
+    values); a failure while attaching (a tensor of the wrong shape, an index out of range, deltas that do not fit
+    what the selection builds) restores the model.
     """
     directory = guards.as_directory(directory, "load")
     cfg = read_adapter_config(directory)
@@ -165,14 +177,8 @@ def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = Fal
         raise SubtuneError("this model already has a subtune method attached; load onto a fresh base model")
     method, config = _method_and_config(cfg, directory)
     check_fingerprint(cfg["fingerprint"], model, directory)
-    tensors = io.read_tensors(directory / WEIGHTS_FILE, cfg["adapter_sha256"])
-    if not allow_nonfinite:
-        guards.check_finite(tensors, "load", where=f"{directory / WEIGHTS_FILE}: ")
-    selection = Selection(
-        {k[len(SELECTION_PREFIX):]: v for k, v in tensors.items() if k.startswith(SELECTION_PREFIX)},
-        cfg.get("selection", {}),
-    )
-    values = {k: v for k, v in tensors.items() if not k.startswith(SELECTION_PREFIX)}
+    saved = fmt.read_adapter_file(directory / WEIGHTS_FILE, cfg["adapter_sha256"], allow_nonfinite=allow_nonfinite)
+    selection = Selection(saved.selection, cfg.get("selection", {}))
     base_tensors = model.state_dict(keep_vars=True)
     try:
         with transaction(model, "load", method.modifies_base(config)), seeded(config.seed):
@@ -180,35 +186,61 @@ def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = Fal
             state.base_name = cfg.get("base_model_name_or_path") or state.base_name
             freeze(model)
             method.attach(model, config, selection)
-            _check_values_fit(method, model, values, directory)
-            _swap_in_base_values(base_tensors, values)
-            method.load_state_dict(model, values)
-    except SubtuneError:
-        raise
-    except Exception as e:  # a layer refusing an index or a shape: the file does not describe this model
+            _check_contents_fit(method, model, state, saved, cfg, directory)
+            if cfg["base_changed"]:
+                _swap_in_base_values(base_tensors, saved.training_state)
+            method.restore(model, state, saved.deltas, saved.training_state)
+    except SubtuneError as e:
+        if not isinstance(e, SelectionError):
+            raise
+        raise AdapterLoadError(f"{directory}: its selection does not fit this model ({e}); the adapter is corrupt, "
+                               "was edited or was made for another model: re-save it from the trained model") from e
+    except Exception as e:  # a layer refusing a shape: the file does not describe this model
         raise AdapterLoadError(f"{directory / WEIGHTS_FILE} does not fit this model ({type(e).__name__}: {e}); the "
                                "adapter is corrupt or was edited: re-save it from the trained model") from e
     return model
 
 
-def _check_values_fit(method: Method, model: nn.Module, values: dict[str, torch.Tensor], directory: Path) -> None:
-    """Every saved value exists in the attached model with the same shape (copy_ would broadcast silently)."""
-    expected = method.state_dict(model)
+def _check_contents_fit(method: Method, model: nn.Module, state: AdapterState, saved: AdapterContents,
+                        cfg: dict[str, Any], directory: Path) -> None:
+    """The saved deltas and training state have exactly the names, kinds and shapes the freshly attached model
+    gives (a restore would otherwise broadcast or drop values silently)."""
     where = directory / WEIGHTS_FILE
     fix = "the adapter is corrupt or was edited: re-save it from the trained model"
-    missing, unexpected = set(expected) - set(values), set(values) - set(expected)
-    if missing:
-        raise AdapterLoadError(f"{where} lacks tensor {sorted(missing)[0]} ({len(missing)} missing); {fix}")
-    if unexpected:
-        raise AdapterLoadError(f"{where} holds tensor {sorted(unexpected)[0]} that this selection has no place for; "
-                               f"{fix}")
+    if cfg["base_changed"] != method.base_changed(state):
+        raise AdapterLoadError(f"{directory / CONFIG_FILE}: base_changed is {cfg['base_changed']}, but this "
+                               f"{method.id!r} config gives {method.base_changed(state)}; {fix}")
+    expected = method.deltas(model, state)
+    _check_names(set(expected), set(saved.deltas), where, "the delta of module ", fix)
     for name, want in expected.items():
-        got = values[name]
-        if got.shape != want.shape:
-            raise AdapterLoadError(f"{where}: tensor {name} has shape {list(got.shape)}, the model needs "
+        got = saved.deltas[name]
+        if got.meta() != want.meta():
+            raise AdapterLoadError(f"{where}: the delta of {name} is {got.meta()}, the attached model needs "
+                                   f"{want.meta()}; {fix}")
+        _check_shapes(want.to_tensors(fmt.DELTA_PREFIX + name), got.to_tensors(fmt.DELTA_PREFIX + name), where, fix)
+    expected_state = method.training_state(model, state)
+    _check_names(set(expected_state), set(saved.training_state), where, f"tensor {STATE_PREFIX}", fix)
+    _check_shapes({STATE_PREFIX + k: v for k, v in expected_state.items()},
+                  {STATE_PREFIX + k: v for k, v in saved.training_state.items()}, where, fix)
+
+
+def _check_names(expected: set[str], got: set[str], where: Path, what: str, fix: str) -> None:
+    missing, unexpected = expected - got, got - expected
+    if missing:
+        raise AdapterLoadError(f"{where} lacks {what}{sorted(missing)[0]} ({len(missing)} missing); {fix}")
+    if unexpected:
+        raise AdapterLoadError(f"{where} holds {what}{sorted(unexpected)[0]} that this selection has no place for; "
+                               f"{fix}")
+
+
+def _check_shapes(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: Path, fix: str) -> None:
+    for name, want in expected.items():
+        have = got[name]
+        if have.shape != want.shape:
+            raise AdapterLoadError(f"{where}: tensor {name} has shape {list(have.shape)}, the model needs "
                                    f"{list(want.shape)}; {fix}")
-        if want.is_floating_point() and not got.is_floating_point():
-            raise AdapterLoadError(f"{where}: tensor {name} is {got.dtype}, the model needs a floating-point tensor; "
+        if want.is_floating_point() and not have.is_floating_point():
+            raise AdapterLoadError(f"{where}: tensor {name} is {have.dtype}, the model needs a floating-point tensor; "
                                    f"{fix}")
 
 
@@ -218,7 +250,9 @@ def _swap_in_base_values(base_tensors: dict[str, torch.Tensor], values: dict[str
     tensors' data by reference instead of being copied into them, so a failure can put the original data back
     without a second copy of the model (the transaction holds the originals); the method's own load then copies
     each value onto itself. Only where that costs no memory (same device and dtype, the usual CPU load); elsewhere
-    the method copies in place, and a failure after that is reported as unrecoverable instead of hidden."""
+    the method copies in place, and a failure after that is reported as unrecoverable instead of hidden. Absolute
+    weights carry the plain base's state_dict names (docs/FORMAT.md), which `base_tensors` (taken before attach)
+    has."""
     for name, value in values.items():
         t = base_tensors.get(name)
         if t is not None and (t.shape, t.dtype, t.device) == (value.shape, value.dtype, value.device):
@@ -230,7 +264,7 @@ def merge(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     state = state_of(model)
     if not state.merged:
         if not allow_nonfinite:
-            guards.check_finite(state.method.state_dict(model), "merge")
+            guards.check_finite(adapter_contents(model).tensors(), "merge")
         state.method.merge(model)
         state.merged = True
     return model
@@ -257,21 +291,32 @@ def unload(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
 
 def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fallback: str = "error", *,
                 overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Write a PEFT LoRA adapter equal to the trained update, where the method's update is exactly low-rank.
+    """Write a PEFT LoRA adapter equal to the trained update, for any method, from its deltas.
 
-    A module needing a rank above `max_rank` (vLLM's ceiling is 512) raises ExportError, or with fallback="svd" is
-    exported as its best rank-`max_rank` approximation (the returned dict reports each relative error). The
-    directory is written atomically; an earlier LoRA export there is replaced, a subtune adapter only with
-    `overwrite=True`. NaN/inf updates are refused unless `allow_nonfinite`.
+    Each module's delta becomes exact LoRA factors where its rank allows (one-hot factors for columns/rows, block
+    factors for blocks, the factors themselves for lowrank; `Delta.to_lora`). A module needing a rank above
+    `max_rank` (vLLM's ceiling is 512) raises ExportError, or with fallback="svd" is exported as its best
+    rank-`max_rank` approximation (the returned dict reports each relative error). An adapter that replaced base
+    weights (`base_changed`) has no LoRA form against the original base and is refused. The directory is written
+    atomically; an earlier LoRA export there is replaced, a subtune adapter only with `overwrite=True`. NaN/inf
+    updates are refused unless `allow_nonfinite`.
     """
     state = state_of(model)
     guards.check_export_args(max_rank, fallback)
     directory = guards.as_directory(directory, "export_lora")
+    if state.method.base_changed(state):
+        raise ExportError(
+            f"this {state.method.id!r} adapter is not a pure update of the original base (it replaced base weights, "
+            "e.g. full fine-tuning or a warm-up that trained the base), so no LoRA is exact against that base; "
+            "export a merged model instead (subtune.merge(model), then save_pretrained)")
+    deltas = state.method.deltas(model, state)
     if not allow_nonfinite:
-        guards.check_finite(state.method.state_dict(model), "export")
+        guards.check_finite(AdapterContents(deltas, {}, {}).tensors(), "export")
     if not overwrite:
         guards.check_export_target(directory)
-    return state.method.export_lora(model, directory, max_rank, fallback)
+    factors, info = lora_factors(deltas, max_rank, fallback)
+    write_lora_factors(directory, factors, base_name=state.base_name)
+    return {**info, "directory": str(directory)}
 
 
 @dataclass
@@ -295,8 +340,36 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     n = sum(p.numel() for p in trainable)
     state = getattr(model, STATE_ATTR, None)
     base = state.base_parameters if state else sum(p.numel() for p in model.parameters())
-    zeroth_order = bool(state and getattr(state.method, "zeroth_order", False))  # SPSA keeps no optimizer state
+    zeroth_order = bool(state and state.method.zeroth_order)  # SPSA keeps no optimizer state and no gradients
     return TrainableSummary(
         trainable=n, base=base, optimizer_state_bytes=0 if zeroth_order else 8 * n,
         gradient_bytes=0 if zeroth_order else sum(p.numel() * p.element_size() for p in trainable),
     )
+
+
+def export_merged(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False,
+                  allow_nonfinite: bool = False) -> Path:
+    """Write the trained model with its update merged into the base weights as a plain HF model directory
+    (`save_pretrained`, safetensors; plus `tokenizer` when given), which transformers or vLLM load with no subtune
+    code. Every method has this export; it is the only one for updates with no exact LoRA form against the
+    original base (full fine-tuning, MeZO, a warmed SMT base, sparse updates above the rank cap).
+
+    `model` is unloaded in place (`subtune.unload`): afterwards it is that plain merged model. Everything that can
+    be checked is checked first: the directory must be writable and hold no subtune adapter (unless `overwrite`),
+    and NaN/inf updates are refused (unless `allow_nonfinite`). The directory is written atomically.
+    """
+    state_of(model)
+    directory = guards.as_directory(directory, "export_merged")
+    if not overwrite:
+        guards.check_export_target(directory, "a merged export")
+    io.check_writable(directory)
+    unload(model, allow_nonfinite=allow_nonfinite)
+    # dropped from an existing directory: an earlier export's shards this one would not overwrite, and adapter
+    # files (an earlier LoRA export; a subtune adapter only gets here with overwrite) that loaders would pick up
+    stale = {p.name for p in directory.glob("model*.safetensors*")} if directory.is_dir() else set()
+    stale |= set(ADAPTER_FILES)
+    with io.atomic_directory(directory, replaces=stale) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return directory

@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 from subtune.core.errors import SubtuneError
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LoRA's default targets (the LLM-Adapters / DoRA setup): also LaMDA's at equal budget and the benchmark's budget
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 MAX_SEED = 2**32 - 1  # numpy's limit, and transformers.set_seed seeds numpy
 
 

@@ -54,3 +54,16 @@ class CheckpointError(SubtuneError, ValueError):
 
 class RunExistsError(SubtuneError, FileExistsError):
     """The output directory holds another run (its adapter or checkpoints); pass --overwrite or --resume."""
+
+
+class SelectionError(SubtuneError, ValueError):
+    """What a selection names does not fit the layer or model it is applied to (indices out of range, repeated or
+    empty, factor shapes that do not match the weight)."""
+
+
+class RegistrationError(SubtuneError, ValueError):
+    """A method registered without an id, or under an id another method class already holds."""
+
+
+class BenchError(SubtuneError, RuntimeError):
+    """A benchmark run cannot measure what it was asked to (an unknown kind, no memory counter on this system)."""

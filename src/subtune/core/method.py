@@ -4,19 +4,30 @@ A method is a plug with four doors:
   select  - decide what to train (may use calibration batches); returns plain data (index tensors + JSON)
   attach  - swap chosen modules for method layers in place and freeze everything else
   hooks   - Trainer callbacks for what training needs beyond backward/step
-  export  - state_dict / load_state_dict / merge / unmerge / export_lora
+  export  - deltas (the trained update per module, `subtune.core.deltas.Delta`), training_state (what resuming
+            training needs beyond the deltas), restore (put both back after attach), merge / unmerge / unload.
+            Saving, loading, reading and LoRA export are generic over deltas (core/api.py, docs/FORMAT.md).
+
+Everything else the core, the trainers, the benchmark, the demo and the CLI need from a method is a member declared
+on `Method` below with a default (zeroth_order, zo_tensors, exact_restore, objective, calibration_source,
+trainer_class, callbacks, own_base_floor, bench_reference, demo, ...): callers read members, never probe for them
+with getattr, and never compare method ids. Members that need the adapter state receive it as an argument
+(`state: AdapterState`); a method never reads it off the model. See docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from abc import ABC, abstractmethod
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from subtune.core.config import MethodConfig
+from subtune.core.deltas import Delta
+
+if TYPE_CHECKING:
+    from subtune.core.api import AdapterState
 
 
 class Selection:
@@ -35,9 +46,44 @@ class Method(ABC):
     paper: str = ""
     default_lr: float = 2e-4  # the CLI's learning rate when --lr is not given
 
+    # -- what the trainers, the benchmark and the demo ask of a method: all declared here, nothing is probed for
+    zeroth_order: bool = False
+    """Trained by forward-only SPSA steps (train/zo.py: `zo_tensors` perturbed in place, no backward, no optimizer
+    state) instead of backpropagation."""
+    exact_restore: bool = True
+    """Zeroth-order only: copy the perturbed tensors back after each probe (exact; costs one copy of them). False
+    restores by regenerating the noise, as MeZO does for the whole model."""
+    own_base_floor: bool = False
+    """The benchmark also measures the floors on the model this method prepared (SensZOQ's 4-bit base): its
+    step is compared with inference on the same base."""
+    bench_reference: str | None = None
+    """The column label under which the benchmark compares every method with this one ("full", "LoRA"); None:
+    not a reference."""
+    demo: dict[str, Any] | None = None
+    """`subtune demo`'s settings on the embedded model: {"lr": float, "config": {field: value}, "steps_factor":
+    int}. Methods without it are left out of the default demo (and trained at `default_lr` when named)."""
+
     def calibration_batches(self, config: MethodConfig) -> int:
         """How many calibration batches `select` reads (0: it needs no data)."""
         return 0
+
+    def calibration_source(self, config: MethodConfig) -> str:
+        """Where those batches come from: "train" (the first training batches, e.g. SMT's warm-up) or "corpus"
+        (general text, SensZOQ's sensitivity as in the paper)."""
+        return "train"
+
+    def objective(self, config: MethodConfig) -> str:
+        """The training loss: "lm" (next-token cross-entropy on the answer) or "choice" (cross-entropy over the
+        candidate answers of multiple-choice records, MeZO's objective)."""
+        return "lm"
+
+    def zo_tensors(self, model: nn.Module, state: AdapterState) -> list[torch.Tensor]:
+        """Zeroth-order only: the tensors a ZO step perturbs and updates in place, in a fixed order (the noise of a
+        seed is drawn for them in this order)."""
+        from subtune.core.errors import SubtuneError
+
+        raise SubtuneError(f"method {self.id!r} is trained by backpropagation, not zeroth-order: it has no tensors "
+                           "for a ZO step; train it with its own trainer_class()")
 
     def modifies_base(self, config: MethodConfig) -> bool:
         """True when `select` or `attach` change base weights in place (e.g. a residual init, warm-up updates).
@@ -60,9 +106,11 @@ class Method(ABC):
 
     def benchmark_variant(self, model: nn.Module, variant: str) -> None:
         """Put a prepared model in a named training phase for the benchmark (e.g. LaMDA after B is frozen)."""
-        raise ValueError(f"method {self.id!r} has no benchmark variant {variant!r}")
+        from subtune.core.config import ConfigError
 
-    def callbacks(self, model: nn.Module, config: MethodConfig) -> list:
+        raise ConfigError(f"method {self.id!r} has no benchmark variant {variant!r}; drop '@{variant}'")
+
+    def callbacks(self, model: nn.Module, state: AdapterState) -> list:
         """HF TrainerCallbacks this method needs during training (none by default)."""
         return []
 
@@ -72,13 +120,33 @@ class Method(ABC):
 
         return Trainer
 
+    # -- the update record: what save writes, read_deltas reads and export_lora exports (docs/FORMAT.md)
     @abstractmethod
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The trained values to save (never the frozen base)."""
+    def deltas(self, model: nn.Module, state: AdapterState) -> dict[str, Delta]:
+        """The trained update per target module path (an update of that module's `.weight`), in the ORIGINAL
+        base's coordinates, so reading, merging, serving or exporting it needs no method code. Values are detached
+        and may share storage with the live parameters. A method whose adapter is not a pure update of the base
+        (`base_changed`) returns what it can state as deltas and keeps the rest in `training_state`."""
+
+    def training_state(self, model: nn.Module, state: AdapterState) -> dict[str, torch.Tensor]:
+        """Tensors that resuming training needs and the deltas do not carry (factors behind a product, masks, a
+        changed base). When `base_changed`, absolute weights that replace base tensors are named exactly as the
+        plain base's state_dict names them (docs/FORMAT.md). Detached; may share storage. None by default."""
+        return {}
 
     @abstractmethod
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        """Put saved values into a model this method was just attached to."""
+    def restore(self, model: nn.Module, state: AdapterState, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        """After `attach` on a fresh base, put a saved update back so the model equals the one that was saved.
+        The core has already checked that the names, kinds and shapes match what `deltas`/`training_state` of the
+        freshly attached model give; a value that still does not fit raises AdapterLoadError."""
+
+    def base_changed(self, state: AdapterState) -> bool:
+        """True when the adapter is not a pure update of the original base (absolute weights replace base tensors,
+        e.g. full fine-tuning or a warm-up that trains the base): LoRA export is refused and `read_deltas` needs the
+        base. Not the same as `modifies_base` (LaMDA's residual init changes W in place but its adapter is still
+        a pure update, B S - B0 S0)."""
+        return False
 
     def merge(self, model: nn.Module) -> None:
         """Fold the update into the base weights in place (reversible with unmerge)."""
@@ -89,48 +157,30 @@ class Method(ABC):
     def unload(self, model: nn.Module) -> None:
         """Replace method layers by plain modules holding the current (merged) weights."""
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
-        from subtune.core.errors import ExportError
-
-        raise ExportError(
-            f"method {self.id!r} has no exact LoRA form; use subtune.merge(model) and save the merged model instead")
-
 
 class LayerMethod(Method):
-    """A method whose trained values live in layers of one class (`layer_class`), as the parameters named in
-    `value_names`. Saving, loading, merging and unloading are the same for all such methods."""
+    """A method whose trained values live in layers of one class (`layer_class`, a `WrappedLinear`). Its deltas
+    are the layers' own records, and restoring, merging and unloading are the same for all such methods."""
 
     layer_class: type[nn.Module]
-    value_names: tuple[str, ...] = ("delta",)
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: m for name, m in model.named_modules() if isinstance(m, self.layer_class)}
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{name}.{v}": getattr(layer, v) for name, layer in self.layers(model).items()
-                for v in self.value_names}
+    def deltas(self, model: nn.Module, state: AdapterState) -> dict[str, Delta]:
+        """Each layer's own record (`WrappedLinear.as_delta()`): already in the base's coordinates for layers whose
+        base weight is the original one (S²FT, SMT); methods that move the base override this."""
+        return {name: layer.as_delta() for name, layer in self.layers(model).items()}
 
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        from subtune.core.errors import AdapterLoadError
-
-        layers = self.layers(model)
-        expected = {f"{n}.{v}" for n in layers for v in self.value_names}
-        if set(tensors) != expected:
-            raise AdapterLoadError(
-                f"{self.id} tensors do not match the saved selection: missing {sorted(expected - set(tensors))[:3]}, "
-                f"unexpected {sorted(set(tensors) - expected)[:3]}; the adapter file is incomplete or was edited: "
-                "re-save it from the trained model")
-        for key in sorted(expected):  # copy_ would broadcast a wrong shape silently
-            layer_name, value = key.rsplit(".", 1)
-            want = getattr(layers[layer_name], value).shape
-            if tensors[key].shape != want:
-                raise AdapterLoadError(
-                    f"{self.id} tensor {key} has shape {list(tensors[key].shape)}, the selection needs {list(want)}; "
-                    "the adapter file is corrupt or was edited: re-save it from the trained model")
-        with torch.no_grad():
-            for name, layer in layers.items():
-                for v in self.value_names:
-                    getattr(layer, v).copy_(tensors[f"{name}.{v}"])
+    @torch.no_grad()
+    def restore(self, model: nn.Module, state: AdapterState, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        """For layers whose trainable tensor is their delta's `values` (as_delta() shares its storage): the saved
+        indices must be the attached layer's own, then the values are copied in."""
+        for name, layer in self.layers(model).items():
+            live, saved = layer.as_delta(), deltas[name]
+            check_same_support(self.id, name, live, saved)
+            live.values.copy_(saved.values)
 
     def merge(self, model: nn.Module) -> None:
         for layer in self.layers(model).values():
@@ -147,20 +197,40 @@ class LayerMethod(Method):
             replace_module(model, name, layer.unloaded())
 
 
+def check_same_support(method_id: str, name: str, live: Delta, saved: Delta) -> None:
+    """A saved delta must describe the attached layer: same kind, shape, block size and indices (the values are
+    what is restored). A mismatch means the file and its selection come from different saves, or were edited."""
+    from subtune.core.errors import AdapterLoadError
+
+    mine, theirs = live.to_tensors(""), saved.to_tensors("")
+    same = live.meta() == saved.meta() and mine.keys() == theirs.keys() and all(
+        torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine if k != ".values")
+    if not same:
+        raise AdapterLoadError(f"{method_id}: the saved {saved.kind} delta of {name} does not fit the layer its "
+                               f"selection builds (a {live.kind} delta with other indices or shape); the adapter is "
+                               "corrupt or was edited: re-save it from the trained model")
+
+
+# Built-in methods are registered by `subtune/__init__.py` (it imports `subtune.methods` after the core), never by
+# the core itself: core imports no method code, not even lazily, so there is no core -> methods -> core cycle.
+# Python runs `subtune/__init__.py` before any `subtune.*` submodule, so the built-ins are registered before user
+# code can ask for one. A new method registers itself the same way, with `register_method`, when it is imported.
 _REGISTRY: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
-    if not method.id:
-        raise ValueError("a method needs a non-empty id")
+    from subtune.core.errors import RegistrationError
+
+    if not method.id or not isinstance(method.id, str):
+        raise RegistrationError(f"{type(method).__name__} has no id; set `id` to a non-empty string")
     if method.id in _REGISTRY and type(_REGISTRY[method.id]) is not type(method):
-        raise ValueError(f"method id {method.id!r} is already registered by {type(_REGISTRY[method.id]).__name__}")
+        raise RegistrationError(f"method id {method.id!r} is already registered by "
+                                f"{type(_REGISTRY[method.id]).__name__}; give {type(method).__name__} another id")
     _REGISTRY[method.id] = method
     return method
 
 
 def get_method(method_id: str) -> Method:
-    _load_builtin_methods()
     from subtune.core.errors import UnknownMethodError
 
     try:
@@ -171,8 +241,13 @@ def get_method(method_id: str) -> Method:
 
 
 def available_methods() -> list[str]:
-    _load_builtin_methods()
     return sorted(_REGISTRY)
+
+
+def registered_methods() -> list[Method]:
+    """Every registered method in registration order (the built-ins in the order of `subtune/methods/__init__.py`,
+    which is the demo's row order)."""
+    return list(_REGISTRY.values())
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
@@ -181,7 +256,3 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError(f"a config needs a 'method' key; add one of {available_methods()}")
     return get_method(data["method"]).config_class.from_dict(data)
-
-
-def _load_builtin_methods() -> None:
-    import subtune.methods  # noqa: F401  (registers the built-in methods on import)

@@ -87,11 +87,16 @@ def head_dim(config) -> int:
     return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
 
 
+def kv_heads(config) -> int:
+    """Key/value heads from the config: `num_key_value_heads` (GQA) when set, else one per attention head (MHA)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each LLaMA projection, from the config alone."""
     dh = head_dim(config)
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = kv_heads(config)
     h, k = config.hidden_size, config.intermediate_size
     return {"q_proj": (heads * dh, h), "k_proj": (kv * dh, h), "v_proj": (kv * dh, h), "o_proj": (h, heads * dh),
             "gate_proj": (k, h), "up_proj": (k, h), "down_proj": (h, k)}

@@ -1,4 +1,6 @@
-"""Answer extraction, following the LLM-Adapters rules (ecosystem spec section 5.4)."""
+"""Answer extraction, following the rules of LLM-Adapters' evaluation scripts (Hu et al., EMNLP 2023, arXiv
+2304.01933: `commonsense_evaluate.py` takes the first match of the task's answer words, `evaluate.py` the last number).
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,12 @@ from torch import nn
 from subtune.core.deltas import Delta, DeltaError
 
 
+def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of trainable values on a base of `base_dtype`: at least fp32 (bf16/fp16 updates round away),
+    float64 on a float64 base. Every method layer and PEFT's LoRA factors (methods/lora) use this one rule."""
+    return torch.promote_types(base_dtype, torch.float32)
+
+
 class WrappedLinear(nn.Module):
     """Base for method layers. Subclasses set `self.base_layer`, define `as_delta()` and make their forward return
     `self.base_layer(x)` alone while `self.merged` (the update is then inside the weight).

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from subtune.core.deltas import Delta
-from subtune.ops.base import WrappedLinear
-from subtune.ops.sliced import master_dtype
+from subtune.core.errors import SelectionError
+from subtune.ops.base import WrappedLinear, master_dtype
 
 
 def num_blocks(size: int, block: int) -> int:
@@ -86,11 +86,14 @@ class BlockDeltaLinear(WrappedLinear):
         cols = torch.as_tensor(cols, dtype=torch.long, device=device)
         n_r, n_c = num_blocks(base_layer.out_features, block_size), num_blocks(base_layer.in_features, block_size)
         if rows.numel() == 0 or rows.shape != cols.shape:
-            raise ValueError("rows and cols must be non-empty and of equal length")
+            raise SelectionError("block rows and cols must be non-empty and of equal length;"
+                                 " the selection does not fit this layer: select again on this model")
         if rows.min() < 0 or rows.max() >= n_r or cols.min() < 0 or cols.max() >= n_c:
-            raise ValueError(f"block indices out of range for a {n_r}×{n_c} block grid")
+            raise SelectionError(f"block indices out of range for a {n_r}×{n_c} block grid;"
+                                 " the selection does not fit this layer: select again on this model")
         if torch.unique(rows * n_c + cols).numel() != rows.numel():
-            raise ValueError("a block is selected twice")
+            raise SelectionError("a block is selected twice;"
+                                 " the selection does not fit this layer: select again on this model")
         used_cols, col_pos = torch.unique(cols, return_inverse=True)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)

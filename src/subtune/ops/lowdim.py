@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from subtune.core.deltas import Delta
-from subtune.ops.base import WrappedLinear
-from subtune.ops.sliced import master_dtype
+from subtune.core.errors import SelectionError
+from subtune.ops.base import WrappedLinear, master_dtype
 
 
 class LowDimLinear(WrappedLinear):
@@ -23,8 +23,9 @@ class LowDimLinear(WrappedLinear):
         rank = s.shape[0]
         if a.shape != (rank, base_layer.in_features) or b.shape != (base_layer.out_features, rank) or \
                 s.shape != (rank, rank):
-            raise ValueError(f"shapes A {tuple(a.shape)}, B {tuple(b.shape)}, S {tuple(s.shape)} do not fit a "
-                             f"{base_layer.out_features}×{base_layer.in_features} layer at rank {rank}")
+            raise SelectionError(f"shapes A {tuple(a.shape)}, B {tuple(b.shape)}, S {tuple(s.shape)} do not fit a "
+                                 f"{base_layer.out_features}×{base_layer.in_features} layer at rank {rank}; the "
+                                 "selection does not fit this layer: select again on this model")
         dtype = master_dtype(base_layer.weight.dtype)
         device = base_layer.weight.device
         self.base_layer = base_layer

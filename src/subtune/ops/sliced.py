@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from subtune.core.deltas import Delta
-from subtune.ops.base import WrappedLinear
+from subtune.core.errors import SelectionError
+from subtune.ops.base import WrappedLinear, master_dtype  # noqa: F401 (re-exported)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -70,10 +71,6 @@ class _OutputRowDelta(torch.autograd.Function):
 
 INPUT_COLUMNS, OUTPUT_ROWS = "input_columns", "output_rows"
 
-
-def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """Trainable values are at least fp32 (bf16/fp16 updates round away), float64 on a float64 base."""
-    return torch.promote_types(base_dtype, torch.float32)
 _OPS = {INPUT_COLUMNS: _InputColumnDelta, OUTPUT_ROWS: _OutputRowDelta}
 
 
@@ -91,13 +88,14 @@ class SlicedDeltaLinear(WrappedLinear):
     def __init__(self, base_layer: nn.Linear, index: torch.Tensor, kind: str, dtype: torch.dtype | None = None):
         super().__init__()
         if kind not in _OPS:
-            raise ValueError(f"kind must be one of {list(_OPS)}, got {kind!r}")
+            raise SelectionError(f"kind must be one of {list(_OPS)}, got {kind!r}; pass INPUT_COLUMNS or OUTPUT_ROWS")
         self.base_layer = base_layer
         self.kind = kind
         index = torch.as_tensor(index, dtype=torch.long, device=base_layer.weight.device).sort().values
         limit = base_layer.in_features if kind == INPUT_COLUMNS else base_layer.out_features
         if index.numel() == 0 or index[0] < 0 or index[-1] >= limit or index.unique().numel() != index.numel():
-            raise ValueError(f"index must hold distinct values in [0, {limit}), got {index.numel()} values")
+            raise SelectionError(f"index must hold distinct values in [0, {limit}), got {index.numel()} values; "
+                                 "the selection does not fit this layer: select again on this model")
         self.register_buffer("index", index, persistent=False)
         shape = (base_layer.out_features, index.numel()) if kind == INPUT_COLUMNS else (index.numel(),
                                                                                        base_layer.in_features)

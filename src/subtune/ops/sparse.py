@@ -21,6 +21,8 @@ import copy
 import torch
 from torch import nn
 
+from subtune.core.config import ConfigError
+from subtune.core.errors import SelectionError
 from subtune.ops.base import WrappedLinear
 
 
@@ -81,9 +83,11 @@ class DenseAndSparseLinear(WrappedLinear):
         device = base_layer.weight.device
         flat_index = torch.as_tensor(flat_index, dtype=torch.long, device=device).sort().values
         if flat_index.numel() == 0 or flat_index[0] < 0 or flat_index[-1] >= out_f * in_f:
-            raise ValueError(f"sparse positions must lie in [0, {out_f * in_f})")
+            raise SelectionError(f"sparse positions must be non-empty and lie in [0, {out_f * in_f}); the selection "
+                                 "does not fit this layer: select again on this model")
         if bool((flat_index[1:] == flat_index[:-1]).any()):
-            raise ValueError("sparse positions must be distinct (a repeated one would be counted twice)")
+            raise SelectionError("sparse positions must be distinct (a repeated one would be counted twice); "
+                                 "the selection does not fit this layer: select again on this model")
         self.register_buffer("rows", flat_index // in_f, persistent=False)
         self.register_buffer("cols", flat_index % in_f, persistent=False)
         weight = base_layer.weight.detach()
@@ -99,7 +103,7 @@ class DenseAndSparseLinear(WrappedLinear):
                 if base_layer.bias is not None:
                     self.dense.bias.copy_(base_layer.bias)
         else:
-            raise ValueError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
+            raise ConfigError(f"quantize must be 'nf4' or 'none', got {quantize!r}; pick one of them")
         self.dense.requires_grad_(False)
         self.quantize = quantize
         self._merged: nn.Linear | None = None

@@ -248,7 +248,7 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
                         grad_accum=grad_accum, save_steps=save_steps, max_length=max_length,
                         logging_steps=logging_steps, warmup=warmup)
     state = state_of(model)
-    if getattr(state.config, "objective", "lm") == "choice":
+    if state.method.objective(state.config) == "choice":
         dataset = [encode_choice_record(tokenizer, r, max_length) for r in train_records]
         collator = ChoiceCollator(tokenizer.pad_token_id)
     else:
@@ -267,5 +267,5 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
     )
     trainer_cls = subtune_trainer_class(state.method.trainer_class())
     # the guard runs last in each step's callbacks: it checks the values the method's own callbacks leave
-    callbacks = [ThroughputCallback(), *state.method.callbacks(model, state.config), FiniteGuardCallback(model)]
+    callbacks = [ThroughputCallback(), *state.method.callbacks(model, state), FiniteGuardCallback(model)]
     return trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)

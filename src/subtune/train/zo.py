@@ -47,8 +47,25 @@ def choice_loss(model, batch: dict) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def zo_loss(model, batch: dict) -> torch.Tensor:
-    return choice_loss(model, batch) if "gold" in batch else fp32_lm_loss(model, batch)
+OBJECTIVES = {"lm": fp32_lm_loss, "choice": choice_loss}  # Method.objective(config) -> the loss a ZO step uses
+
+
+def zo_step(model, state, batch: dict, lr: float, seeds: list[int]) -> dict:
+    """One SPSA step of a prepared zeroth-order model, from what its method declares: the tensors it perturbs
+    (`zo_tensors`), its objective, whether probes restore exactly (`exact_restore`), and its config's eps. The
+    trainer and the benchmark both step through here. Both forwards must see the same function, so dropout must be
+    off (ZOTrainer puts the model in eval mode); they run under inference_mode. Returns spsa_step's record (loss,
+    projected grads, seeds).
+    """
+    method, config = state.method, state.config
+    loss = OBJECTIVES[method.objective(config)]
+
+    def loss_fn():
+        with torch.inference_mode():
+            return loss(model, batch)
+
+    return spsa_step(method.zo_tensors(model, state), loss_fn, seeds, config.eps, lr,
+                     exact_restore=method.exact_restore)
 
 
 class ZOTrainer(Trainer):
@@ -72,18 +89,12 @@ class ZOTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         state = state_of(model)
-        method, config = state.method, state.config
+        config = state.config
         model.eval()  # no dropout: both forwards must see the same function
         inputs = self._prepare_inputs(inputs)
         seeds = [step_seed(config.seed, self.state.global_step, j) for j in range(config.directions)]
         lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
-
-        def loss_fn():
-            with torch.inference_mode():
-                return zo_loss(model, inputs)
-
-        out = spsa_step(method.zo_tensors(model), loss_fn, seeds, config.eps, lr,
-                        exact_restore=method.exact_restore)
+        out = zo_step(model, state, inputs, lr, seeds)
         self.history.append({"step": self.state.global_step, "seeds": out["seeds"],
                              "projected_grads": out["projected_grads"], "lr": lr})
         return torch.tensor(out["loss"], device=self.args.device)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
+from subtune.core.deltas import Delta
 from subtune.core.errors import AdapterLoadError
 from subtune.core.method import Method, Selection, register_method
 from subtune.methods.full.config import FullConfig
@@ -13,13 +16,24 @@ class FullMethod(Method):
     config_class = FullConfig
     paper = "baseline"
     default_lr = 2e-5
+    bench_reference = "full"  # the benchmark's "vs full" columns
+    demo = {"lr": 3e-4}  # far below the adapters': every weight moves
 
     def attach(self, model: nn.Module, config: FullConfig, selection: Selection) -> None:
         embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
         for p in model.parameters():
             p.requires_grad_(config.train_embeddings or id(p) not in embeddings)
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def base_changed(self, state) -> bool:
+        return True  # the adapter is the model: absolute weights, no copy of the original to subtract
+
+    def deltas(self, model: nn.Module, state) -> dict[str, Delta]:
+        """None: training changed the weights in place and the original base is not kept. The absolute weights are
+        the training state; `subtune.read_deltas(dir, base=...)` states them as dense deltas against a base."""
+        return {}
+
+    def training_state(self, model: nn.Module, state) -> dict[str, torch.Tensor]:
+        """Every tensor of the model by its state_dict name (the adapter is the model)."""
         seen, out = set(), {}
         for name, tensor in model.state_dict().items():
             if tensor.data_ptr() in seen:  # tied weights are stored once
@@ -28,8 +42,9 @@ class FullMethod(Method):
             out[name] = tensor
         return out
 
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        result = model.load_state_dict(tensors, strict=False)
+    def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        result = model.load_state_dict(dict(training_state), strict=False)
         tied = {k for k in result.missing_keys if "lm_head" in k and model.config.tie_word_embeddings}
         missing = sorted(set(result.missing_keys) - tied)
         if missing or result.unexpected_keys:

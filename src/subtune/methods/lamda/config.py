@@ -47,7 +47,7 @@ class LaMDAPlusConfig(LaMDAConfig):
     """LaMDA++: per-layer ranks from the normalised spectrum of each pre-trained weight under a global budget.
 
     Budget Σ r_l = (number of target matrices) · r. Energy p_i = σ_i² / Σσ² (or σ_i/σ_1, or σ_i/Σσ) is pooled over
-    all matrices and the largest values are kept (global threshold, spec L8), in chunks of `rank_multiple`, with
+    all matrices and the largest values are kept (one global threshold), in chunks of `rank_multiple`, with
     r_min ≤ r_l ≤ r_max.
     """
 

@@ -11,6 +11,22 @@ from transformers import TrainerCallback
 from subtune.ops.lowdim import LowDimLinear
 
 
+FROZEN_ATTR = "pmb_frozen"  # on each LowDimLinear: bool (rank,), True where a column of B is frozen
+
+
+def frozen_columns(layer: LowDimLinear) -> torch.Tensor:
+    """Which columns of the layer's B are frozen (a copy): what the freezer recorded, all once B left training."""
+    if not layer.lora_B.requires_grad:
+        return torch.ones(layer.rank, dtype=torch.bool, device=layer.lora_B.device)
+    mask = vars(layer).get(FROZEN_ATTR)
+    return torch.zeros(layer.rank, dtype=torch.bool, device=layer.lora_B.device) if mask is None else mask.clone()
+
+
+def set_frozen_columns(layer: LowDimLinear, mask: torch.Tensor) -> None:
+    """Record a saved frozen-column mask on the layer (a new PMBFreezer starts its schedule afresh)."""
+    vars(layer)[FROZEN_ATTR] = mask.to(device=layer.lora_B.device, dtype=torch.bool).clone()
+
+
 def frozen_components(step: int, rank: int, horizon: int) -> int:
     """k(s) = min(r, floor(r·s / T_f)): component i freezes at ceil((i+1)·T_f / r); all are frozen at T_f."""
     if horizon <= 0:
@@ -36,6 +52,7 @@ class PMBFreezer:
         self.masks: dict[int, torch.Tensor] = {}
         for layer in self.layers:
             self.masks[id(layer)] = torch.ones(layer.rank, dtype=layer.lora_B.dtype, device=layer.lora_B.device)
+            set_frozen_columns(layer, self.masks[id(layer)] == 0)
             layer.lora_B.register_hook(lambda g, key=id(layer): g * self.masks[key])
 
     def _columns(self, layer: LowDimLinear, count: int) -> torch.Tensor:
@@ -56,6 +73,7 @@ class PMBFreezer:
                 snap[:, newly] = b[:, newly]
                 self.masks[key][newly] = 0
                 self.frozen[key] = k
+                set_frozen_columns(layer, self.masks[key] == 0)  # saved with the adapter (training state)
             if self.frozen[key] == 0:
                 continue
             cols = self._columns(layer, self.frozen[key])

@@ -1,37 +1,36 @@
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from subtune.core.config import check_rank_fits
+from subtune.core.config import LORA_TARGETS, check_rank_fits
+from subtune.core.deltas import Delta
 from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import find_targets, replace_module
 from subtune.methods.lamda.config import LaMDAConfig, LaMDAPlusConfig
-from subtune.methods.lamda.freeze import PMBFreezeCallback
+from subtune.methods.lamda.freeze import PMBFreezeCallback, frozen_columns, set_frozen_columns
 from subtune.methods.lamda.select import init_factors, ranks_for
 from subtune.ops.lowdim import LowDimLinear
+
+RESIDUAL_INITS = ("svd_identity_residual", "svd_sigma_residual")  # attach moves s·B0 S0 A out of W
 
 
 class LaMDAMethod(LayerMethod):
     layer_class = LowDimLinear
-    value_names = ("lora_B", "lora_S")  # S is always saved (the released code loses it)
 
-    default_lr = 1e-3  # spec P9: orthonormal projections need a larger step than LoRA; sweep 1e-4..1e-3
+    default_lr = 1e-3  # S sits between orthonormal projections, so LoRA's lr does not carry over; sweep 1e-4..1e-3
 
-    def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str):
-        self.id, self.config_class, self.paper = method_id, config_class, paper
+    def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str, demo: dict):
+        self.id, self.config_class, self.paper, self.demo = method_id, config_class, paper, demo
 
     def config_for_budget(self, model_config, trainable: int) -> LaMDAConfig:
-        """Same rank as a LoRA of that budget on the same targets (the spec's same-rank comparison)."""
+        """Same rank as a LoRA of that budget on the same targets (LaMDA is compared with LoRA at equal rank)."""
         from subtune.methods.lora.method import _lora_params_per_rank
 
-        per_rank = _lora_params_per_rank(model_config, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-        return self.config_class(r=max(1, round(trainable / per_rank)),
-                                 target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+        per_rank = _lora_params_per_rank(model_config, list(LORA_TARGETS))
+        return self.config_class(r=max(1, round(trainable / per_rank)), target_modules=list(LORA_TARGETS))
 
     def select(self, model, config: LaMDAConfig, calibration) -> Selection:
         """SVD of every target weight (done once; the factors are saved, never recomputed at load)."""
@@ -54,7 +53,7 @@ class LaMDAMethod(LayerMethod):
 
     def attach(self, model: nn.Module, config: LaMDAConfig, selection: Selection) -> None:
         ranks = selection.info["ranks"]
-        residual_init = config.init in ("svd_identity_residual", "svd_sigma_residual")
+        residual_init = config.init in RESIDUAL_INITS
         for name, r in ranks.items():
             base = model.get_submodule(name)
             a = selection.tensors[f"{name}.A"]
@@ -75,7 +74,7 @@ class LaMDAMethod(LayerMethod):
                 selection.tensors.pop(f"{name}.S0", None)
 
     def modifies_base(self, config: LaMDAConfig) -> bool:
-        return config.init in ("svd_identity_residual", "svd_sigma_residual")  # attach subtracts W's principal part
+        return config.init in RESIDUAL_INITS  # attach subtracts W's principal part
 
     def benchmark_variant(self, model: nn.Module, variant: str) -> None:
         """`b_frozen`: the steady state after the PMB phase (only S trains)."""
@@ -84,25 +83,43 @@ class LaMDAMethod(LayerMethod):
         for layer in self.layers(model).values():
             layer.lora_B.requires_grad_(False)
 
-    def callbacks(self, model: nn.Module, config: LaMDAConfig) -> list:
-        return [PMBFreezeCallback(model, config)]
+    def callbacks(self, model: nn.Module, state) -> list:
+        return [PMBFreezeCallback(model, state.config)]
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
-        """Exact rank-r LoRA against the original base (spec §7): A' = A, B' = s·(B S − B0 S0) for residual inits
-        (B0 S0 = 0 for pure-delta inits is subtracted as well, which changes nothing)."""
-        state = model.subtune_state
-        residual = state.config.init in ("svd_identity_residual", "svd_sigma_residual")
-        factors = {}
+    def deltas(self, model: nn.Module, state) -> dict[str, Delta]:
+        """lowrank(A, B S − B0 S0, s) per layer: the update against the original base. A residual init moved
+        s·B0 S0 A out of W at attach, so it is subtracted from the layer's own term (computed in float64: B stays
+        near B0 early on); the other inits start from B0 S0 = 0 and the layer's term is the whole update."""
+        if state.config.init not in RESIDUAL_INITS:
+            return super().deltas(model, state)
+        selection, out = state.selection.tensors, {}
         for name, layer in self.layers(model).items():
-            core = layer.lora_B.detach().double() @ layer.lora_S.detach().double()
-            if residual:
-                sel = state.selection.tensors
-                core = core - sel[f"{name}.B0"].double().to(core.device) @ sel[f"{name}.S0"].double().to(core.device)
-            factors[name] = (layer.lora_A.float().cpu(), (layer.scaling * core).float().cpu())
-        return write_lora_factors(directory, factors, base_name=state.base_name, max_rank=max_rank,
-                                  fallback=fallback)
+            b, s = layer.lora_B.detach(), layer.lora_S.detach()
+            b0, s0 = (selection[f"{name}.{k}"].to(b.device, torch.float64) for k in ("B0", "S0"))
+            core = b.double() @ s.double() - b0 @ s0
+            out[name] = Delta.lowrank(layer.lora_A, core.to(b.dtype), layer.scaling)
+        return out
+
+    def training_state(self, model: nn.Module, state) -> dict[str, torch.Tensor]:
+        """B and S (the deltas hold only their product) and which columns of B are frozen (PMB)."""
+        out = {}
+        for name, layer in self.layers(model).items():
+            out[f"{name}.lora_B"] = layer.lora_B.detach()
+            out[f"{name}.lora_S"] = layer.lora_S.detach()
+            out[f"{name}.frozen"] = frozen_columns(layer)
+        return out
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        for name, layer in self.layers(model).items():
+            layer.lora_B.copy_(training_state[f"{name}.lora_B"])
+            layer.lora_S.copy_(training_state[f"{name}.lora_S"])
+            set_frozen_columns(layer, training_state[f"{name}.frozen"])
 
 
-register_method(LaMDAMethod("lamda", LaMDAConfig, "LaMDA (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)"))
+register_method(LaMDAMethod("lamda", LaMDAConfig, "LaMDA (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)",
+                            demo={"lr": 2e-2, "config": {"r": 16}}))
 register_method(LaMDAMethod("lamda++", LaMDAPlusConfig,
-                            "LaMDA++ (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)"))
+                            "LaMDA++ (Azizi et al., EMNLP Findings 2024, arXiv 2406.12832)",
+                            demo={"lr": 2e-2, "config": {"r": 16, "rank_min": 8, "rank_max": 64}}))

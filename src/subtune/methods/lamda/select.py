@@ -20,7 +20,7 @@ def normalised_spectrum(singular_values: torch.Tensor, how: str) -> torch.Tensor
         return s / s[0].clamp_min(1e-300)
     if how == "sum":
         return s / s.sum().clamp_min(1e-300)
-    raise ValueError(f"unknown normalisation {how!r}")
+    raise ConfigError(f"lamda++: unknown normalisation {how!r}; use energy, max or sum")
 
 
 def allocate_ranks(spectra: dict[str, torch.Tensor], budget: int, rank_min: int, rank_max: int, multiple: int,
@@ -65,7 +65,7 @@ def init_factors(weight: torch.Tensor, rank: int, init: str, scaling: float, gen
         return {"A": a, "B": b, "S": torch.eye(rank), "residual": scaling * (b @ a)}
     if init == "svd_sigma_residual":
         return {"A": vh, "B": u, "S": torch.diag(sv) / scaling, "residual": (u * sv) @ vh}
-    raise ValueError(f"unknown init {init!r}")
+    raise ConfigError(f"lamda: unknown init {init!r}; use one of the LaMDAConfig init values")
 
 
 def ranks_for(model: nn.Module, targets: dict[str, nn.Linear], config: LaMDAConfig, progress: bool = True

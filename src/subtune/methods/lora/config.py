@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import peft
 
-from subtune.core.config import ConfigError, MethodConfig
+from subtune.core.config import LORA_TARGETS, ConfigError, MethodConfig
 
 
 @dataclass
@@ -14,7 +14,7 @@ class LoraConfig(MethodConfig):
     """PEFT LoRA. Defaults follow the LLM-Adapters/DoRA setup (q, k, v, up, down)."""
 
     method = "lora"
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0

@@ -1,19 +1,16 @@
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from subtune.core import io
 from subtune.core.config import check_rank_fits
-from subtune.core.errors import AdapterLoadError, ExportError
+from subtune.core.deltas import Delta
+from subtune.core.errors import AdapterLoadError, SubtuneError
 from subtune.core.method import Method, Selection, register_method
-from subtune.core.peft_format import PEFT_PREFIX, write_peft_adapter
 from subtune.core.surgery import find_targets, replace_module
 from subtune.methods.lora.config import DoraConfig, LoraConfig  # noqa: F401  (re-exported)
 
@@ -32,11 +29,33 @@ def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def _is_dora(layer: LoraLayer) -> bool:
+    return ADAPTER in layer.lora_magnitude_vector
+
+
+@torch.no_grad()
+def dora_update(layer: LoraLayer) -> torch.Tensor:
+    """W' − W of a DoRA layer, (out, in), as its forward computes W' = m / ‖W + s·B A‖_row · (W + s·B A) (PEFT's
+    DoRA: one norm per output row of the unmerged weight), in the adapter's fp32."""
+    weight = layer.get_base_layer().weight.detach()
+    lora = layer.get_delta_weight(ADAPTER).detach()  # s·B A
+    dtype = torch.promote_types(lora.dtype, torch.float32)
+    weight, lora = weight.to(dtype), lora.to(weight.device, dtype)
+    magnitude = layer.lora_magnitude_vector[ADAPTER]
+    norm = magnitude.get_weight_norm(weight, lora, scaling=1).detach()
+    factor = (magnitude.weight.detach().to(dtype) / norm).view(-1, 1)
+    return factor * (weight + lora) - weight
+
+
 class PeftLoraMethod(Method):
     config_class = LoraConfig
 
-    def __init__(self, method_id: str, config_class: type[LoraConfig], paper: str):
+    demo = {"lr": 5e-3}
+
+    def __init__(self, method_id: str, config_class: type[LoraConfig], paper: str,
+                 bench_reference: str | None = None):
         self.id, self.config_class, self.paper = method_id, config_class, paper
+        self.bench_reference = bench_reference
 
     def attach(self, model: nn.Module, config: LoraConfig, selection: Selection) -> None:
         targets = find_targets(model, config.target_modules)  # our clear error before PEFT's
@@ -52,15 +71,41 @@ class PeftLoraMethod(Method):
         per_rank = _lora_params_per_rank(model_config, self.config_class().target_modules)
         return self.config_class(r=max(1, round(trainable / per_rank)))
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return peft.get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    def deltas(self, model: nn.Module, state) -> dict[str, Delta]:
+        """LoRA: lowrank(A, B, scaling) per layer, PEFT's own factors. DoRA: its update depends on W through the
+        row norms, so it is stated dense, computed from the live (unmerged) layer."""
+        out = {}
+        for name, layer in _lora_layers(model).items():
+            if not _is_dora(layer):
+                out[name] = Delta.lowrank(layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight,
+                                          float(layer.scaling[ADAPTER]))
+            elif state.merged:
+                raise SubtuneError(f"{self.id}: the update of a merged DoRA model cannot be read off its layers; "
+                                   "call subtune.unmerge(model) first, then save or export")
+            else:
+                out[name] = Delta.dense(dora_update(layer))
+        return out
 
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        result = peft.set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing or result.unexpected_keys:
-            raise AdapterLoadError(f"{self.id} tensors do not fit: missing {missing[:5]}, "
-                                   f"unexpected {result.unexpected_keys[:5]}")
+    def training_state(self, model: nn.Module, state) -> dict[str, torch.Tensor]:
+        """DoRA: PEFT's tensors (A, B, magnitudes), which its dense deltas cannot give back. LoRA: none."""
+        if not any(_is_dora(layer) for layer in _lora_layers(model).values()):
+            return {}
+        return dict(peft.get_peft_model_state_dict(model, adapter_name=ADAPTER))
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        if training_state:  # DoRA
+            result = peft.set_peft_model_state_dict(model, dict(training_state), adapter_name=ADAPTER)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing or result.unexpected_keys:
+                raise AdapterLoadError(f"{self.id} tensors do not fit: missing {missing[:5]}, "
+                                       f"unexpected {result.unexpected_keys[:5]}; the adapter is corrupt or was "
+                                       "edited: re-save it from the trained model")
+            return
+        for name, layer in _lora_layers(model).items():  # the core checked kinds, shapes and the scale
+            layer.lora_A[ADAPTER].weight.copy_(deltas[name].A)
+            layer.lora_B[ADAPTER].weight.copy_(deltas[name].B)
 
     def merge(self, model: nn.Module) -> None:
         for layer in _lora_layers(model).values():
@@ -76,18 +121,7 @@ class PeftLoraMethod(Method):
         if hasattr(model, "peft_config"):
             del model.peft_config
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
-        state = model.subtune_state
-        config: LoraConfig = state.config
-        if config.r > max_rank:
-            raise ExportError(f"LoRA rank {config.r} exceeds max_rank={max_rank}")
-        tensors = {PEFT_PREFIX + k: v for k, v in self.state_dict(model).items()}
-        peft_cfg = config.to_peft()
-        peft_cfg.base_model_name_or_path = state.base_name or None
-        peft_cfg.inference_mode = True
-        write_peft_adapter(directory, tensors, json.loads(json.dumps(peft_cfg.to_dict(), default=list)))
-        return {"modules": len(_lora_layers(model)), "max_rank": config.r, "directory": str(directory)}
 
-
-register_method(PeftLoraMethod("lora", LoraConfig, "LoRA (Hu et al., 2021, arXiv 2106.09685)"))
+register_method(PeftLoraMethod("lora", LoraConfig, "LoRA (Hu et al., 2021, arXiv 2106.09685)",
+                               bench_reference="LoRA"))
 register_method(PeftLoraMethod("dora", DoraConfig, "DoRA (Liu et al., 2024, arXiv 2402.09353)"))

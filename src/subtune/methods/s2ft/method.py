@@ -1,17 +1,13 @@
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import decoder_layers, wrap_linear
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.methods.s2ft.select import components, is_gqa, select_units
-from subtune.ops.sliced import INPUT_COLUMNS, SlicedDeltaLinear
+from subtune.ops.sliced import SlicedDeltaLinear
 
 
 def _expand(units: torch.Tensor, unit_size: int) -> torch.Tensor:
@@ -24,6 +20,7 @@ class S2FTMethod(LayerMethod):
     config_class = S2FTConfig
     layer_class = SlicedDeltaLinear
     paper = "S²FT (Yang et al., NeurIPS 2024, arXiv 2412.06289)"
+    demo = {"lr": 2e-2, "config": {"o_ratio": 0.25, "v_ratio": 0.5, "d_ratio": 0.1, "u_ratio": 0.1}}
 
     def calibration_batches(self, config: S2FTConfig) -> int:
         return 0 if config.strategy in ("random", "weight") else config.calibration_batches
@@ -41,11 +38,11 @@ class S2FTMethod(LayerMethod):
 
     def config_for_budget(self, model_config, trainable: int) -> S2FTConfig:
         """The paper's split at a given budget: MHA -> half to O heads, half to Down channels; GQA -> Down only."""
-        from subtune.core.surgery import head_dim
+        from subtune.core.surgery import head_dim, kv_heads
 
         layers, hidden, k = model_config.num_hidden_layers, model_config.hidden_size, model_config.intermediate_size
         heads = model_config.num_attention_heads
-        gqa = (getattr(model_config, "num_key_value_heads", None) or heads) < heads
+        gqa = kv_heads(model_config) < heads
         per_channel, per_head = hidden, head_dim(model_config) * hidden
         if gqa:
             return S2FTConfig(o_ratio=0.0, d_ratio=min(1.0, trainable / per_channel / (layers * k)))
@@ -74,18 +71,6 @@ class S2FTMethod(LayerMethod):
             index = _expand(units, comp.unit_size)
             for p in paths:
                 wrap_linear(model, p, lambda base: SlicedDeltaLinear(base, index, comp.kind))
-
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
-        """Exact one-hot LoRA (spec §7): rank = selected columns/rows, lora_alpha = rank, so scale is 1."""
-        factors = {}
-        for name, layer in self.layers(model).items():
-            delta = layer.delta.detach().float()
-            r = layer.index.numel()
-            one_hot = torch.zeros(r, layer.in_features if layer.kind == INPUT_COLUMNS else layer.out_features)
-            one_hot[torch.arange(r), layer.index.cpu()] = 1.0
-            factors[name] = (one_hot, delta) if layer.kind == INPUT_COLUMNS else (delta, one_hot.t().contiguous())
-        return write_lora_factors(directory, factors, base_name=model.subtune_state.base_name, max_rank=max_rank,
-                                  fallback=fallback)
 
 
 register_method(S2FTMethod())

@@ -25,8 +25,8 @@ class ZOConfig(MethodConfig):
 
 @dataclass
 class MeZOConfig(ZOConfig):
-    """MeZO: every parameter, perturbed in place and restored by regenerating z (as the paper; in fp16/bf16 this
-    drifts, senszoq spec pitfall 3)."""
+    """MeZO: every parameter, perturbed in place and restored by regenerating z (as the paper; in fp16/bf16 the
+    in-place perturb/restore rounds, so the weights drift a little every step)."""
 
     method = "mezo"
 
@@ -47,7 +47,8 @@ class SensZOConfig(ZOConfig):
     calibration_samples: int = 100
     quantize: Literal["nf4", "none"] = "nf4"
     mask_path: str | None = None
-    calibration_source: Literal["corpus", "train"] = "corpus"  # CLI: the embedded pretraining text (spec Z2) or task
+    # where the sensitivity is measured: the embedded pretraining text (the paper: C4 text), or the task's data
+    calibration_source: Literal["corpus", "train"] = "corpus"
 
     def validate(self) -> None:
         super().validate()

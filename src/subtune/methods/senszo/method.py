@@ -1,20 +1,26 @@
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
+from subtune.core.deltas import Delta
 from subtune.core.errors import AdapterLoadError, ModelLayoutError
-from subtune.core.method import LayerMethod, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, check_same_support, register_method
 from subtune.core.surgery import find_targets, wrap_linear
 from subtune.methods.full.method import FullMethod
 from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
 from subtune.methods.senszo.mask import compute_mask, index_problem
 from subtune.ops.sparse import DenseAndSparseLinear
-from subtune.ops.zo import spsa_step
+
+ORIGINAL_ATTR = "original_values"  # on each DenseAndSparseLinear: the base's entries at its positions (fp32; a
+# plain attribute, so a later cast of the model to bf16 cannot round it)
 
 
 class ZerothOrderMixin:
-    """What the ZO trainer and the benchmark need from a zeroth-order method."""
+    """The members a zeroth-order method declares (core/method.py): trained by SPSA steps (train/zo.py, which the
+    trainer and the benchmark share), with the objective its ZO config names."""
 
     zeroth_order = True
     exact_restore = True
@@ -24,25 +30,26 @@ class ZerothOrderMixin:
 
         return ZOTrainer
 
-    def benchmark_step(self, model: nn.Module, batch: dict) -> None:
-        from subtune.train.zo import fp32_lm_loss
-
-        config = model.subtune_state.config
-        with torch.inference_mode():
-            spsa_step(self.zo_tensors(model), lambda: fp32_lm_loss(model, batch), list(range(config.directions)),
-                      config.eps, 1e-6, exact_restore=self.exact_restore)
+    def objective(self, config) -> str:
+        return config.objective
 
 
 class SensZOMethod(ZerothOrderMixin, LayerMethod):
     id = "senszo"
     config_class = SensZOConfig
     layer_class = DenseAndSparseLinear
-    value_names = ("values",)
     paper = "SensZOQ (Guo et al., ICLR 2025, arXiv 2406.02913)"
-    default_lr = 1e-5  # sparse ZO tolerates a larger lr than MeZO (spec pitfall 10)
+    # SPSA's variance grows with the number of perturbed values (k here, every weight for MeZO), so the sparse
+    # method tolerates a larger lr than MeZO
+    default_lr = 1e-5
+    own_base_floor = True  # the bench compares its step with inference on the same (4-bit) base
+    demo = {"lr": 1e-2, "steps_factor": 3, "config": {"calibration_source": "train", "calibration_samples": 16}}
 
     def calibration_batches(self, config: SensZOConfig) -> int:
         return 0 if config.mask_path or config.mask_source != "sensitivity" else config.calibration_samples
+
+    def calibration_source(self, config: SensZOConfig) -> str:
+        return config.calibration_source  # "corpus" by default: sensitivity from pretraining text, as the paper
 
     def select(self, model, config: SensZOConfig, calibration) -> Selection:
         targets = find_targets(model, config.target_modules)
@@ -56,8 +63,32 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
             wrap_linear(model, name, lambda base, index=index: DenseAndSparseLinear(base, index, config.quantize))
         for layer in self.layers(model).values():
             layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
+            # the plain base's entries at the sparse positions, taken before training (the dense part D holds
+            # zeros there, also when 4-bit): what the deltas are measured from
+            vars(layer)[ORIGINAL_ATTR] = layer.values.detach().clone()
 
-    def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+    def deltas(self, model: nn.Module, state) -> dict[str, Delta]:
+        """sparse(positions, values − the plain base's entries there), in float64 so that original + delta gives
+        the trained fp32 values back exactly. For a 4-bit base this is the update against the full-precision base
+        (docs/FORMAT.md): the NF4 rounding of the other weights is not part of it."""
+        out = {}
+        for name, layer in self.layers(model).items():
+            values = layer.values.detach()
+            original = vars(layer)[ORIGINAL_ATTR].to(values.device)
+            out[name] = Delta.sparse(layer.rows * layer.in_features + layer.cols, values.double() - original.double(),
+                                     (layer.out_features, layer.in_features))
+        return out
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        live = self.deltas(model, state)
+        for name, layer in self.layers(model).items():
+            check_same_support(self.id, name, live[name], deltas[name])
+            original = vars(layer)[ORIGINAL_ATTR].to(layer.values.device, torch.float64)
+            layer.values.copy_(original + deltas[name].values.to(original.device, torch.float64))
+
+    def zo_tensors(self, model: nn.Module, state) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers(model).values()]
 
 
@@ -87,19 +118,21 @@ def checked_positions(model: nn.Module, selection: Selection) -> dict[str, torch
 
 
 class MeZOMethod(ZerothOrderMixin, FullMethod):
-    """MeZO: every parameter, in place. Saves like full fine-tuning (the whole model)."""
+    """MeZO: every parameter, in place. Saves like full fine-tuning (the whole model, as absolute weights)."""
 
     id = "mezo"
     config_class = MeZOConfig
     paper = "MeZO (Malladi et al., NeurIPS 2023, arXiv 2305.17333)"
     default_lr = 1e-6
     exact_restore = False  # a copy of every weight would double memory; z is regenerated instead
+    bench_reference = None  # full fine-tuning is the reference, not MeZO
+    demo = {"lr": 1e-4, "steps_factor": 2}
 
     def attach(self, model: nn.Module, config: MeZOConfig, selection: Selection) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
 
-    def zo_tensors(self, model: nn.Module) -> list[torch.Tensor]:
+    def zo_tensors(self, model: nn.Module, state) -> list[torch.Tensor]:
         seen, out = set(), []
         for p in model.parameters():
             if id(p) not in seen:  # tied weights are perturbed once

@@ -1,37 +1,28 @@
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from subtune.core.errors import AdapterLoadError
+from subtune.core.deltas import Delta
 from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.peft_format import write_lora_factors
 from subtune.core.surgery import wrap_linear
 from subtune.methods.smt.config import SMTConfig
 from subtune.methods.smt.select import select_blocks, total_blocks
 from subtune.ops.block_sparse import BlockDeltaLinear
 
 
-WARMED_BASE = "warmed_base."
-
-
-def lora_factors(layer: BlockDeltaLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (A, B) with B·A = ΔW: one-hot over the fewer of distinct block-rows or block-columns (smt spec §6)."""
-    delta = layer.dense_delta().float()
-    b = layer.block_size
-    row_blocks, col_blocks = layer.rows.unique().tolist(), layer.cols.unique().tolist()
-    if len(row_blocks) <= len(col_blocks):  # group by block-row: B one-hot picks output rows, A holds the rows
-        idx = torch.cat([torch.arange(r * b, min((r + 1) * b, layer.out_features)) for r in row_blocks])
-        one_hot = torch.zeros(layer.out_features, idx.numel())
-        one_hot[idx, torch.arange(idx.numel())] = 1.0
-        return delta[idx].contiguous(), one_hot
-    idx = torch.cat([torch.arange(c * b, min((c + 1) * b, layer.in_features)) for c in col_blocks])
-    one_hot = torch.zeros(idx.numel(), layer.in_features)
-    one_hot[torch.arange(idx.numel()), idx] = 1.0
-    return one_hot, delta[:, idx].contiguous()
+def _plain_names(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """{plain base name: attached name} of every base tensor: a block layer's `P.base_layer.X` is the base's `P.X`."""
+    wrapped = {f"{path}.base_layer.": f"{path}." for path in layers}
+    out = {}
+    for name in model.state_dict():
+        if name.endswith(".delta") and name.rsplit(".", 1)[0] in layers:
+            continue  # the trained blocks: the deltas carry them
+        head = next((w for w in wrapped if name.startswith(w)), None)
+        out[wrapped[head] + name[len(head):] if head else name] = name
+    return out
 
 
 class SMTMethod(LayerMethod):
@@ -39,7 +30,8 @@ class SMTMethod(LayerMethod):
     config_class = SMTConfig
     layer_class = BlockDeltaLinear
     paper = "SMT (He et al., ICLR 2025, arXiv 2405.15525)"
-    default_lr = 1e-4  # the authors' tuned option (spec A5); 9.65e-6 reproduces the paper runs
+    demo = {"lr": 1e-2, "config": {"block_size": 32, "ratio": 0.05, "warmup_steps": 8}}
+    default_lr = 1e-4  # the official repository's PEFT script; its code comment's 9.65e-6 reproduces the paper runs
 
     def calibration_batches(self, config: SMTConfig) -> int:
         return config.warmup_steps
@@ -68,30 +60,24 @@ class SMTMethod(LayerMethod):
             wrap_linear(model, key.removesuffix(".blocks"),
                         lambda base, rc=rc: BlockDeltaLinear(base, rc[0], rc[1], config.block_size))
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        out = super().state_dict(model)
-        if model.subtune_state.config.warmup_updates:  # the warm-up changed the base: it travels with the adapter
-            out.update({f"{WARMED_BASE}{k}": v for k, v in model.state_dict().items() if not k.endswith(".delta")})
-        return out
+    def base_changed(self, state) -> bool:
+        return state.config.warmup_updates  # the blocks are an update of the warmed base, not of the original
 
-    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        base = {k[len(WARMED_BASE):]: v for k, v in tensors.items() if k.startswith(WARMED_BASE)}
-        if base:
-            result = model.load_state_dict(base, strict=False)
-            if result.unexpected_keys:
-                raise AdapterLoadError(f"smt warmed-up base does not fit: unexpected {result.unexpected_keys[:3]}")
-        super().load_state_dict(model, {k: v for k, v in tensors.items() if not k.startswith(WARMED_BASE)})
+    def training_state(self, model: nn.Module, state) -> dict[str, torch.Tensor]:
+        """With warmup_updates the warm-up trained every base weight: the warmed base travels with the adapter,
+        under the plain base's names (so a reader can subtract the original base from it)."""
+        if not state.config.warmup_updates:
+            return {}
+        attached = model.state_dict()
+        return {plain: attached[name] for plain, name in _plain_names(model, self.layers(model)).items()}
 
-    def export_lora(self, model: nn.Module, directory: Path, max_rank: int, fallback: str = "error") -> dict[str, Any]:
-        state = model.subtune_state
-        if state.config.warmup_updates:
-            from subtune.core.errors import ExportError
-
-            raise ExportError("this SMT adapter was selected with warmup_updates=True, which changed every base weight; "
-                              "no LoRA is exact against the original base. Export a merged model instead.")
-        factors = {name: lora_factors(layer) for name, layer in self.layers(model).items()}
-        return write_lora_factors(directory, factors, base_name=state.base_name, max_rank=max_rank,
-                                  fallback=fallback)
+    @torch.no_grad()
+    def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
+                training_state: Mapping[str, torch.Tensor]) -> None:
+        if training_state:  # the warmed base first, then the blocks on top of it
+            names = _plain_names(model, self.layers(model))
+            model.load_state_dict({names[k]: v for k, v in training_state.items()}, strict=False)
+        super().restore(model, state, deltas, training_state)
 
 
 register_method(SMTMethod())
