@@ -337,8 +337,7 @@ def test_every_intentional_raise_in_src_is_a_subtune_error():
                 rel = str(path.relative_to(SRC))
                 if name in ("ValueError", "KeyError", "RuntimeError", "TypeError") and (rel, name) not in allowed:
                     hits.append(f"{rel}:{node.lineno}: {name}")
-    # methods/smt/select.py's unknown-score guard belongs to the calibration work in progress
-    assert [h for h in hits if not h.startswith("methods/smt/select.py")] == []
+    assert hits == []
 
 
 def test_loading_an_adapter_whose_selection_a_layer_refuses_is_an_adapter_load_error(tmp_path):

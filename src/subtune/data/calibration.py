@@ -11,7 +11,7 @@ from subtune.data.loaders import calibration_batches
 def calibration_source(config: MethodConfig) -> str:
     """Where `config`'s calibration text comes from: its `calibration_source` ("corpus" for SensZOQ by default, as
     in the paper), else "train" (S²FT scores and SMT's warm-up read the first training batches)."""
-    return getattr(config, "calibration_source", "train")
+    return get_method(config.method).calibration_source(config)
 
 
 def calibration_for(config: MethodConfig, tokenizer=None, records: list[dict] | None = None, *, batch_size: int = 16,

@@ -117,7 +117,7 @@ def block_scores(grad_sum: torch.Tensor, block: int, score: str) -> torch.Tensor
         return g.abs().sum((1, 3))
     if score == "l2":
         return g.pow(2).sum((1, 3)).sqrt()
-    raise ValueError(f"unknown score {score!r}")
+    raise ConfigError(f"smt: unknown score {score!r}; use one of abs_of_mean, mean_of_abs, l1, l2")
 
 
 def top_blocks(scores: dict[str, torch.Tensor], k: int, scope: str) -> dict[str, tuple[list[int], list[int]]]:
