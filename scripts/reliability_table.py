@@ -52,6 +52,8 @@ AREAS = {
                                   "bodies, the app's settings, `subtune serve` options"),
     "test_catalogue_bench_serve": ("Serving benchmark (`subtune bench --serve`, new code)",
                                    "the serving benchmark's presets, widths, adapter counts and options"),
+    "test_catalogue_s2ft_disjoint": ("S²FT `disjoint_from` (new code)", "the adapters whose heads and channels an "
+                                     "S²FT run must keep clear of, and budgets the free units cannot meet"),
 }
 
 # What the document says about behaviour that a row cannot show: (behaviour, what is checked, tests).

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,11 @@ class S2FTConfig(MethodConfig):
     Ratios are fractions of all candidate units in the model: query heads for O (columns of o_proj), KV heads for V
     (rows of v_proj), FFN channels for Down (columns of down_proj) and Up (rows of up_proj). `None` means the paper's
     default for the model: MHA -> o 0.052 + d 0.02 (LLaMA2-7B script); GQA -> Down only, d 0.03 (LLaMA3-8B script).
+
+    `disjoint_from` names saved adapter directories whose heads/channels this run must not train (the paper's
+    non-overlapping fusion variant): selection draws only from the units those adapters left free, per trained
+    matrix, at the same budget (ratios stay fractions of all units). The directories are read at selection time,
+    not here, so a saved config still loads after they are gone.
     """
 
     method = "s2ft"
@@ -29,9 +35,22 @@ class S2FTConfig(MethodConfig):
     direction: Literal["large", "small"] = "large"
     allocation: Literal["global", "uniform"] = "global"
     calibration_batches: int = 8
+    disjoint_from: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.disjoint_from, (list, tuple)):  # Path objects are fine: stored as plain strings
+            self.disjoint_from = [os.fspath(d) if isinstance(d, os.PathLike) else d for d in self.disjoint_from]
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
+        for i, directory in enumerate(self.disjoint_from):
+            if not directory.strip():
+                raise ConfigError(f"s2ft: disjoint_from[{i}] is an empty path; give adapter directories written by "
+                                  "subtune.save (CLI: --disjoint_from DIR,DIR)")
+        if len(set(self.disjoint_from)) != len(self.disjoint_from):
+            twice = next(d for d in self.disjoint_from if self.disjoint_from.count(d) > 1)
+            raise ConfigError(f"s2ft: disjoint_from names {twice!r} twice; give each adapter directory once")
         unknown = sorted(set(self.target_modules) - set(COMPONENTS))
         if unknown:
             raise ConfigError(f"s2ft trains {sorted(COMPONENTS)} only; remove {unknown} from target_modules")

@@ -2,6 +2,10 @@
 
 Index-based selection (spec B5): nothing is permuted, so GQA, explicit head_dim and q/k/v biases need no special
 care, and saved indices line up with the base model.
+
+`disjoint_from` (the paper's non-overlapping fusion variant): the units that saved adapters train are read from their
+columns/rows deltas (`subtune.core.api.read_deltas`, no method code) and left out of the candidates, per trained
+matrix; the choice is then made among the free units exactly as it is made over all units (same draws, same scores).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from subtune.core.calibration import Calibration, accumulate_activation_statisti
 from subtune.core.config import ConfigError
 from subtune.core.distributed import broadcast_from_rank0
 from subtune.core.errors import DataError, SubtuneError
+from subtune.core.fingerprint import fingerprint, fingerprint_difference
 from subtune.core.surgery import decoder_layers, head_dim
-from subtune.methods.s2ft.config import S2FTConfig
+from subtune.methods.s2ft.config import COMPONENTS, S2FTConfig
 from subtune.ops.sliced import INPUT_COLUMNS, OUTPUT_ROWS
 
 
@@ -65,23 +70,40 @@ def _per_layer_counts(n: int, layers: int, rng: random.Random) -> list[int]:
 
 
 def choose_units(n: int, layers: int, units: int, allocation: str, rng: random.Random,
-                 scores: torch.Tensor | None, largest: bool) -> list[list[int]]:
-    """Per layer, the sorted unit ids to train: random or by score, globally or uniformly over layers."""
+                 scores: torch.Tensor | None, largest: bool, excluded: list[set[int]] | None = None,
+                 what: str = "units") -> list[list[int]]:
+    """Per layer, the sorted unit ids to train: random or by score, globally or uniformly over layers.
+
+    `excluded` (per layer, unit ids) are never chosen; with nothing excluded the draws are today's exactly (sampling
+    a list of the candidates picks the same positions as sampling the range)."""
+    free = [[u for u in range(units) if not excluded or u not in excluded[layer]] for layer in range(layers)]
     chosen: list[list[int]] = [[] for _ in range(layers)]
     if allocation == "global":
+        flat_free = [layer * units + u for layer in range(layers) for u in free[layer]]
         if scores is None:  # the official S²FT-R: uniform sampling over all (layer, unit) pairs
-            flat = rng.sample(range(layers * units), n)
+            flat = rng.sample(flat_free, n)
         else:
-            flat = torch.topk(scores.flatten(), n, largest=largest).indices.tolist()
+            flat = _top(scores.flatten(), flat_free, n, largest)
         for f in flat:
             chosen[f // units].append(f % units)
     else:
         for layer, count in enumerate(_per_layer_counts(n, layers, rng)):
+            if count > len(free[layer]):
+                raise ConfigError(
+                    f"s2ft: allocation='uniform' needs {count} {what} in layer {layer}, but only {len(free[layer])} "
+                    f"of its {units} are free after disjoint_from; use allocation='global' (it draws from every free "
+                    "unit) or a smaller ratio")
             if scores is None:
-                chosen[layer] = rng.sample(range(units), count)
+                chosen[layer] = rng.sample(free[layer], count)
             else:
-                chosen[layer] = torch.topk(scores[layer], count, largest=largest).indices.tolist()
+                chosen[layer] = _top(scores[layer], free[layer], count, largest)
     return [sorted(c) for c in chosen]
+
+
+def _top(scores: torch.Tensor, candidates: list[int], n: int, largest: bool) -> list[int]:
+    """The n candidates with the largest (smallest) scores."""
+    index = torch.tensor(candidates, dtype=torch.long)
+    return index[torch.topk(scores[index], n, largest=largest).indices].tolist()
 
 
 def _unit_norms(per_index_sq: torch.Tensor, unit_size: int) -> torch.Tensor:
@@ -144,6 +166,94 @@ def gradient_scores(model: nn.Module, comps: dict[str, Component], calibration, 
     return _per_layer_norms(comps, len(layers), result.statistics)
 
 
+UNIT_NAMES = {"o_proj": "O query heads", "v_proj": "V key/value heads", "down_proj": "Down channels",
+              "up_proj": "Up channels"}
+
+
+def _unit_modules(model: nn.Module) -> dict[str, tuple[int, str, Component]]:
+    """module path -> (layer, component, the component whose units it holds); Gate rows are Up channels."""
+    comps = components(model)
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    out = {}
+    for li in range(len(layers)):
+        for name, comp in comps.items():
+            out[f"{prefix}.{li}.{comp.module}"] = (li, name, comp)
+        out[f"{prefix}.{li}.mlp.gate_proj"] = (li, "gate_proj", comps["up_proj"])
+    return out
+
+
+def _unit_deltas(directory: str, model: nn.Module, base_fingerprint: dict, modules: dict) -> dict:
+    """The columns/rows deltas of the adapter in `directory`, each checked to name units of this model."""
+    from subtune.core.api import read_adapter_config, read_deltas  # the generic reader: no method code
+
+    where = f"s2ft: disjoint_from adapter {directory}"
+    drop = "remove it from disjoint_from"
+    try:
+        cfg = read_adapter_config(directory)
+    except SubtuneError as e:
+        raise ConfigError(f"{where}: {e}; or {drop}") from None
+    diff = fingerprint_difference(cfg["fingerprint"], base_fingerprint)
+    if diff:
+        raise ConfigError(f"{where} was trained on a different base model ({diff}; its base is "
+                          f"{cfg.get('base_model_name_or_path')!r}), so its units say nothing about this one: train "
+                          f"on the base it was made from, or {drop}")
+    if cfg.get("base_changed"):
+        raise ConfigError(f"{where} is a {cfg['method']!r} adapter that replaces base weights (base_changed), not "
+                          f"a set of columns/rows deltas naming heads and channels; {drop}")
+    try:
+        deltas = read_deltas(directory)
+    except SubtuneError as e:
+        raise ConfigError(f"{where}: {e}; or {drop}") from None
+    for path, delta in deltas.items():
+        if delta.kind not in ("columns", "rows"):
+            raise ConfigError(f"{where} is a {cfg['method']!r} adapter with {delta.kind} deltas (e.g. {path}); S²FT "
+                              "can keep clear only of the heads and channels that columns/rows deltas (S²FT "
+                              f"adapters) name: {drop}")
+        _, name, comp = modules.get(path, (None, None, None))
+        if comp is None or delta.kind != ("columns" if comp.kind == INPUT_COLUMNS else "rows"):
+            raise ConfigError(f"{where} has a {delta.kind} delta on {path}, which is not a set of S²FT heads or "
+                              "channels (O and Down input columns, V, Up and Gate output rows), so every unit there "
+                              f"would overlap it; {drop}")
+        if tuple(model.get_submodule(path).weight.shape) != delta.shape:
+            raise ConfigError(f"{where}: its delta on {path} has shape {delta.shape}, but this model's weight is "
+                              f"{tuple(model.get_submodule(path).weight.shape)}; {drop}")
+    return deltas
+
+
+def used_units(model: nn.Module, directories: list[str], train_gate_with_up: bool = False) -> dict[str, list[set[int]]]:
+    """{component: per-layer set of unit ids} that the adapters in `directories` train.
+
+    A unit is used when its delta touches any of its columns/rows (a head is used by any of its dh columns). Gate
+    rows count as Up channels only when this run trains Gate with Up; otherwise they cannot overlap."""
+    layers = len(decoder_layers(model))
+    used: dict[str, list[set[int]]] = {name: [set() for _ in range(layers)] for name in COMPONENTS}
+    if not directories:
+        return used
+    modules = _unit_modules(model)
+    base_fingerprint = fingerprint(model)
+    for directory in directories:
+        for path, delta in _unit_deltas(directory, model, base_fingerprint, modules).items():
+            layer, name, comp = modules[path]
+            if name == "gate_proj":
+                if not train_gate_with_up:
+                    continue
+                name = "up_proj"
+            used[name][layer].update(torch.div(delta.index, comp.unit_size, rounding_mode="floor").tolist())
+    return used
+
+
+def _check_budget(name: str, n: int, total: int, used: int, ratio: float) -> None:
+    free = total - used
+    if n <= free:
+        return
+    field_name = COMPONENTS[name]
+    fix = (f"set {field_name}=0" if free == 0 else f"lower {field_name} to at most {free / total:.4g}")
+    raise ConfigError(f"s2ft: {field_name}={ratio} asks for {n} {UNIT_NAMES[name]}, but only {free} of {total} remain "
+                      f"after excluding the {used} that the adapters in disjoint_from train; {fix}, or drop an "
+                      "adapter from disjoint_from")
+
+
 def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str, list[list[int]]]:
     """{component: per-layer sorted unit ids}. Deterministic given the seed; rank 0 decides under torch.distributed."""
     comps = components(model)
@@ -154,6 +264,12 @@ def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str,
                           f"{'GQA' if is_gqa(model) else 'MHA'} model (resolved ratios {ratios}), so nothing would "
                           "train; set a ratio for a targeted module (e.g. d_ratio=0.03 with down_proj)")
     layers = len(decoder_layers(model))
+    counts = {}
+    for name, comp in active.items():  # a loop, not a comprehension: unit_count's warning points at our caller
+        counts[name] = unit_count(layers * comp.units, ratios[name], name)
+    excluded = used_units(model, config.disjoint_from, config.train_gate_with_up)  # before any calibration work
+    for name, comp in active.items():
+        _check_budget(name, counts[name], layers * comp.units, sum(len(u) for u in excluded[name]), ratios[name])
     scores: dict[str, torch.Tensor] = {}
     if config.strategy != "random":
         if calibration is None and config.strategy != "weight":
@@ -172,7 +288,7 @@ def select_units(model: nn.Module, config: S2FTConfig, calibration) -> dict[str,
         if name not in active:
             continue
         comp = active[name]
-        n = unit_count(layers * comp.units, ratios[name], name)
-        selected[name] = choose_units(n, layers, comp.units, config.allocation, rng, scores.get(name),
-                                      largest=config.direction == "large")
+        selected[name] = choose_units(counts[name], layers, comp.units, config.allocation, rng, scores.get(name),
+                                      largest=config.direction == "large", excluded=excluded[name],
+                                      what=UNIT_NAMES[name])
     return broadcast_from_rank0(selected)
