@@ -69,20 +69,17 @@ class FiniteFloatRange(click.FloatRange):
 
 
 def check_writable(path: str | Path, flag: str, is_file: bool = False) -> None:
-    """Fail before any work if `path` cannot be written: its nearest existing ancestor must be a writable directory
-    (and a file output must not be an existing directory)."""
+    """Fail before any work if `path` cannot be written (a file output must not be an existing directory)."""
+    from subtune.core import io
+    from subtune.core.errors import AdapterSaveError
+
     path = Path(path)
     if is_file and path.is_dir():
         raise click.BadParameter(f"{path} is a directory; give a file path", param_hint=f"'{flag}'")
-    ancestor = path if path.exists() and not is_file else path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise click.BadParameter(f"cannot write {path}: {ancestor} is a file, not a directory; choose another path",
-                                 param_hint=f"'{flag}'")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"cannot write {path}: {ancestor} is not writable; choose another path",
-                                 param_hint=f"'{flag}'")
+    try:
+        io.check_writable(path.parent if is_file else path, what="path")
+    except AdapterSaveError as e:
+        raise click.BadParameter(str(e), param_hint=f"'{flag}'") from None
 
 
 def method_list_option(value: str | None, flag: str) -> list[str] | None:

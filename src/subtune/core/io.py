@@ -266,21 +266,23 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
-def check_writable(directory: str | Path) -> None:
-    """Fail now, in one line, if `directory` could not be created or written (before hours of training)."""
+def check_writable(directory: str | Path, what: str = "output path") -> None:
+    """Fail now, in one line, if `directory` could not be created or written (before hours of training). Creates
+    nothing. `what` names the option in the message (e.g. "--output")."""
     directory = Path(directory).absolute()
     existing = directory
-    while not existing.exists():
+    while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise AdapterSaveError(f"{existing} is a file, so {directory} cannot be created; choose another output path")
+        raise AdapterSaveError(f"cannot write {directory}: {existing} is a file, not a directory; choose another "
+                               f"{what} (a writable directory)")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".subtune-write-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise AdapterSaveError(f"cannot write to {existing} ({e.strerror}); choose a writable output directory or "
-                               "fix its permissions") from None
+        raise AdapterSaveError(f"cannot write {directory}: {existing} is not writable ({e.strerror or e}); choose "
+                               f"another {what} (a writable directory) or fix its permissions") from None
 
 
 @contextlib.contextmanager

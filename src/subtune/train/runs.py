@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from subtune import __version__
 from subtune.core import io
 from subtune.core.config import ConfigError, MethodConfig
-from subtune.core.errors import AdapterLoadError, CheckpointError, RunExistsError
+from subtune.core.errors import AdapterLoadError, AdapterSaveError, CheckpointError, RunExistsError
 
 COMPLETE_FILE = "subtune_checkpoint.json"
 ADAPTER_DIR = "adapter"
@@ -182,18 +181,10 @@ def run_contents(output_dir: str | Path) -> list[str]:
 
 def check_writable(path: str | Path, name: str) -> None:
     """Fail now, not after training, when the output cannot be created or written. Creates nothing."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{name} {path}: {existing} is a file, not a directory; choose another {name}")
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".subtune-write-check-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"{name} {path} cannot be written ({e.strerror or e}); choose a writable {name}") from None
+        io.check_writable(path, what=name)
+    except AdapterSaveError as e:
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def check_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool, any_run: bool,
