@@ -36,6 +36,7 @@ summed; blocks need equal block sizes; lowrank concatenates the factors). Mixed 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Mapping
 
 import torch
@@ -126,7 +127,7 @@ def _union(index_a: torch.Tensor, values_a: torch.Tensor, index_b: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------------ the base
-class Delta:
+class Delta(ABC):
     """The update of one module. Subclasses define the per-kind math; see the module docstring for the kinds."""
 
     kind: str = ""
@@ -205,28 +206,28 @@ class Delta:
         return f"Delta.{self.kind}(shape={self.shape}, {', '.join(parts)})"
 
     # -- per kind
+    @abstractmethod
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) update to add to the module's weight, in `dtype` (default: the compute dtype)."""
-        raise NotImplementedError
 
-    def _apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
-    def _merge(self, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _merge(self, weight: torch.Tensor) -> torch.Tensor: ...
 
-    def _unmerge(self, weight: torch.Tensor, saved: torch.Tensor) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _unmerge(self, weight: torch.Tensor, saved: torch.Tensor) -> None: ...
 
-    def _saved_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+    @abstractmethod
+    def _saved_shape(self) -> tuple[int, ...]: ...
 
     def _touched(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted output rows and input columns the update can be non-zero in (all of them by default)."""
         return torch.arange(self.shape[0], device=self.device), torch.arange(self.shape[1], device=self.device)
 
-    def _same_kind_sum(self, other: Delta) -> Delta:
-        raise NotImplementedError
+    @abstractmethod
+    def _same_kind_sum(self, other: Delta) -> Delta: ...
 
     # -- the forward
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,9 +357,9 @@ class Delta:
 class _SupportDelta(Delta):
     """Kinds whose update lives on a set of weight entries: they share the coordinate form and merge by entries."""
 
+    @abstractmethod
     def coords(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, col, value) of every stored entry inside the matrix, flat."""
-        raise NotImplementedError
 
     def to_sparse(self) -> SparseDelta:
         rows, cols, vals = self.coords()
