@@ -63,10 +63,12 @@ def test_the_serve_bench_reports_every_part_with_positive_figures(report, tmp_pa
     for row in generation["results"]:
         for system in ("base", "subtune", "peft"):
             assert set(row[system]) == GEN_KEYS and row[system]["tokens_per_s"] > 0
-    assert generation["merged_tokens_per_s"] > 0
+        # the routed path's stacked copy: the K adapters' values (and indices), padded by at most 25%
+        assert 0 < row["adapter_bytes"] <= row["stacked_bytes"] <= 1.25 * row["adapter_bytes"]
+    assert generation["merged_tokens_per_s"] > 0 and generation["base_linear_bytes"] > 0
     assert data["environment"]["threads"] == 1
     md = paths["md"].read_text()
-    assert "| 64 | fp32 |" in md and "PEFT `adapter_names=`" in md and "**Targets**" in md
+    assert "| 64 | fp32 |" in md and "PEFT `adapter_names=`" in md and "**Targets**" in md and "stacked copy" in md
     assert paths["png"].stat().st_size > 5000
 
 

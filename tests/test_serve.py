@@ -239,6 +239,72 @@ def test_beams_and_several_sequences_per_prompt_keep_their_adapter():
         store.activate(None)
 
 
+def many_slice_adapters(count: int, seed: int = 3) -> dict[str, dict[str, Delta]]:
+    """`count` random S²FT-like adapters (columns on o/down, rows on v/up) of varied sizes on make_tiny's layers."""
+    gen = torch.Generator().manual_seed(seed)
+    model = make_tiny(0)
+    shapes = {p: tuple(m.weight.shape) for p, m in model.named_modules() if p.endswith(("o_proj", "down_proj",
+                                                                                         "v_proj", "up_proj"))}
+    adapters = {}
+    for i in range(count):
+        deltas = {}
+        for path, (out, inp) in shapes.items():
+            columns = path.endswith(("o_proj", "down_proj"))
+            n = int(torch.randint(2, 10, (), generator=gen))
+            index = torch.randperm(inp if columns else out, generator=gen)[:n]
+            values = torch.randn((out, n) if columns else (n, inp), generator=gen) * 0.3
+            deltas[path] = (Delta.columns if columns else Delta.rows)(index, values, (out, inp))
+        adapters[f"a{i}"] = deltas
+    return adapters
+
+
+def test_many_adapters_are_stacked_per_module_and_each_row_equals_its_adapter_merged_alone():
+    """8 column/row adapters of sizes 2-9 over 13 rows (uneven: 3, 2, 1 rows each, and 2 base rows): each module adds
+    them with a few stacked groups (one bmm each), not one term per adapter, and every row equals its adapter
+    merged alone; the stacks are adapter values only, kept for the next batch of the same set, dropped on remove."""
+    from subtune.serve.batched import PAD_TOLERANCE, size_groups
+
+    adapters = many_slice_adapters(8)
+    store = AdapterStore(make_tiny(0))
+    for name, deltas in adapters.items():
+        store.add_deltas(name, deltas)
+    names = ["a0", "a1", None, "a0", "a2", "a1", "a0", "a3", "a4", None, "a5", "a6", "a7"]
+    x = ids(len(names), seq=6, seed=4)
+    base = bits(store.model)
+    mixed = store.logits(x, names)
+    assert same_bits(store.model, base) and not hooks_left(store.model)
+    routes = store._plan(sorted(set(n for n in names if n)))
+    for path, route in routes.items():
+        assert not route.loose and sorted(route.adapters) == sorted(adapters)
+        sizes = [adapters[n][path].index.numel() for n in sorted(adapters)]
+        assert len(route.stacks) == len(size_groups(sizes)) < len(adapters)
+        for stack in route.stacks:
+            group = [adapters[n][path].index.numel() for n in stack.names]
+            assert max(group) <= (1 + PAD_TOLERANCE) * min(group) and stack.index.shape[-1] == max(group)
+    values = sum(d.values.numel() * 4 for deltas in adapters.values() for d in deltas.values())
+    indices = sum(s.index.numel() * 8 for r in routes.values() for s in r.stacks)
+    assert values <= store.routing_cache_bytes - indices <= (1 + PAD_TOLERANCE) * values
+    plain = forward(store.model, x)
+    for row, name in enumerate(names):
+        if name is None:
+            assert torch.equal(mixed[row], plain[row])
+            continue
+        store.activate(name)
+        torch.testing.assert_close(mixed[row], forward(store.model, x)[row], atol=1e-5, rtol=0)
+        store.activate(None)
+    assert store.logits(x, names).equal(mixed) and store._plan(sorted(adapters)) is routes  # reused, not rebuilt
+    store.remove("a7")
+    assert store.routing_cache_bytes == 0
+
+
+def test_size_groups_bound_the_padding():
+    from subtune.serve.batched import size_groups
+
+    assert size_groups([256, 64, 128, 192, 64]) == [[1, 4], [2], [3], [0]]  # S²FT head counts: one group per size
+    assert [len(g) for g in size_groups(list(range(92, 118)))] == [24, 2]  # channel counts 92-117: 92·1.25 = 115
+    assert size_groups([5]) == [[0]] and size_groups([]) == []
+
+
 def test_concurrent_calls_do_not_see_each_others_routing():
     """Each call's hooks exist only inside it; the store's lock keeps two threads' batches apart."""
     import threading

@@ -422,11 +422,13 @@ def generation_job(job: dict) -> dict:
                                            **kwargs),
     }
     times = {(k, s): ([], []) for k in job["adapter_counts"] for s in systems}
-    outputs = {}
+    outputs, stacked = {}, {}
     for round_ in range(job["gen_warmup"] + job["gen_rounds"]):
         for k in job["adapter_counts"]:
             for name, run in systems.items():
                 wall, cpu, out = _timed(lambda: run(k), device)
+                if name == "subtune":  # the stacked values of this K's adapters, built in its first batch
+                    stacked[k] = store.routing_cache_bytes
                 if tuple(out.shape) != (rows, job["prompt_len"] + new):
                     raise ServeBenchError(f"{name} generated {tuple(out.shape)} for {rows} rows of "
                                           f"{job['prompt_len']} + {new} tokens; the bench needs fixed-length output")
@@ -446,8 +448,13 @@ def generation_job(job: dict) -> dict:
         equal = sum(torch.equal(routed[r], merged[r % k][r]) for r in range(rows))
         changed = sum(not torch.equal(routed[r], plain[r]) for r in range(rows))
         results.append({"adapters": k, **{name: _gen_stats(*times[(k, name)], rows * new) for name in systems},
-                        "rows_equal_merged": equal, "rows_changed_vs_base": changed})
+                        "rows_equal_merged": equal, "rows_changed_vs_base": changed,
+                        "adapter_bytes": sum(store.memory(f"s{i}") for i in range(k)),
+                        "stacked_bytes": stacked[k]})
+    linear_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                       if isinstance(m, torch.nn.Linear))
     return {"preset": job["preset"], "dtype": job["dtype"], "rows": rows, "prompt_len": job["prompt_len"],
+            "base_linear_bytes": linear_bytes,
             "new_tokens": new, "adapter_values": {"subtune": sum(d.num_values for d in store.deltas("s0").values()),
                                                   "peft": _lora_values(wrapped, "l0")},
             "results": results, "merged_tokens_per_s": rows * new / statistics.median(merged_times)}
@@ -649,15 +656,28 @@ def _generation_table(g: dict | None) -> list[str]:
              f"adapter values S²FT {v['subtune']:,} / LoRA {v['peft']:,}; median of "
              f"{g['results'][0]['base']['rounds']} rounds, every round runs every system; load avg {_load(g)})", "",
              "| K adapters | base tok/s | subtune routed tok/s | PEFT `adapter_names=` tok/s | subtune / base | "
-             "subtune / PEFT | PEFT / base | routed = merged (rows) | rows changed vs base |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "subtune / PEFT | PEFT / base | routed = merged (rows) | rows changed vs base | adapter bytes per step "
+             "(vs base Linears) | stacked copy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in g["results"]:
         b, s, p = (r[k]["tokens_per_s"] for k in ("base", "subtune", "peft"))
         lines.append(f"| {r['adapters']} | {b:.0f} | {s:.0f} | {p:.0f} | {s / b:.2f}× | {s / p:.2f}× | {p / b:.2f}× | "
-                     f"{r['rows_equal_merged']}/{g['rows']} | {r['rows_changed_vs_base']}/{g['rows']} |")
+                     f"{r['rows_equal_merged']}/{g['rows']} | {r['rows_changed_vs_base']}/{g['rows']} | "
+                     f"{_bytes_per_step(r, g)} | {_mib(r.get('stacked_bytes'))} |")
     lines += ["", f"One adapter merged by `activate` (the guard's reference runs): {g['merged_tokens_per_s']:.0f} "
                   "tok/s, the base's own cost."]
     return lines
+
+
+def _mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _bytes_per_step(r: dict, g: dict) -> str:
+    """What a decode step reads of the K adapters (each distinct adapter once) next to the base's Linear weights."""
+    if "adapter_bytes" not in r or not g.get("base_linear_bytes"):
+        return "–"
+    return f"{_mib(r['adapter_bytes'])} ({r['adapter_bytes'] / g['base_linear_bytes']:.1%})"
 
 
 def plot(report: dict, path: Path) -> None:

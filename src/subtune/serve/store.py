@@ -77,6 +77,7 @@ class AdapterStore:
         self._adapters: dict[str, _Adapter] = {}
         self._active: str | None = None
         self._saved: dict[str, torch.Tensor] = {}  # module path -> original entries of the active adapter
+        self._routes: tuple[tuple, dict[str, batched.ModuleRoute]] | None = None  # (adapter set, its plan)
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------------------------------------- the adapters
@@ -158,6 +159,7 @@ class AdapterStore:
             if self._active == name:
                 self.activate(None)
             del self._adapters[name]
+            self._routes = None  # its stacks go with it (and a later adapter may reuse the name)
 
     # ------------------------------------------------------------------------------------------- fast switch
     @property
@@ -289,13 +291,26 @@ class AdapterStore:
             if name is not None:
                 self._get(name)
         groups = batched.RowGroups(adapter_names, input_ids.device)
-        terms = batched.plan({n: self._adapters[n].deltas for n in groups.names}, groups)
-        for path, module_terms in terms.items():
-            if not isinstance(self._modules[path], nn.Linear):
-                raise RoutingError(
-                    f"adapter {module_terms[0][0]!r} changes {path}, a {type(self._modules[path]).__name__}, whose "
-                    "update cannot be added per row; serve that adapter merged (store.activate(name)) instead")
-        return groups, terms
+        return groups, self._plan(groups.names)
+
+    def _plan(self, names: Sequence[str]) -> dict[str, batched.ModuleRoute]:
+        """The routing plan of this set of adapters: kept for the next batch of the same set (the stacks are built
+        once, not per batch), dropped when another set comes, an adapter is removed, or the base is moved or cast."""
+        key = (tuple(sorted(names)), self._weights_layout())
+        if self._routes is None or self._routes[0] != key:
+            self._routes = None  # the old stacks go before the new ones are built
+            self._routes = (key, batched.plan({n: self._adapters[n].deltas for n in key[0]}, self._modules))
+        return self._routes[1]
+
+    def _weights_layout(self) -> tuple:
+        weight = next(self.model.parameters(), None)
+        return (None, None) if weight is None else (weight.dtype, weight.device)
+
+    @property
+    def routing_cache_bytes(self) -> int:
+        """Bytes of the stacked adapter values kept for the last batch's set of adapters (`serve/batched.py`): a
+        copy of those adapters' column/row values (plus padding) in the weights' dtype, never of a base weight."""
+        return 0 if self._routes is None else sum(route.nbytes for route in self._routes[1].values())
 
     # ------------------------------------------------------------------------------------------------- checks
     def _get(self, name: str) -> _Adapter:
