@@ -4,10 +4,13 @@
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port P tests/dist_worker.py OUT RUN...  # half each
 
 RUN is one of
-    train:METHOD   prepare (after ensure_process_group), then an unmodified HF Trainer for STEPS steps (DDP when
-                   launched), rank 0 saves the adapter
+    train:METHOD   prepare, then an unmodified HF Trainer for STEPS steps (DDP when launched); every rank calls
+                   subtune.save (rank 0 writes); s2ft also exports a LoRA and a merged model the same way
     fsdp:METHOD    FSDP2 (fully_shard on each decoder layer and the root) with gradient checkpointing, taking the
-                   Trainer's own step by hand (fsdp() says why not the Trainer itself)
+                   Trainer's own step by hand (fsdp() says why not the Trainer itself); save and LoRA export gather
+                   the shards, a merge is refused
+    zotrainer:METHOD   the ZOTrainer (the method's trainer_class) for STEPS steps over rows whose ranks hold
+                   different loss-token counts
     zo:METHOD      STEPS zeroth-order steps (ops.zo.spsa_step, reduce=all_reduce_mean) over this rank's rows
     zo-weighted:METHOD   the same over rows whose ranks hold different loss-token counts (all_reduce_weighted_mean)
     calibration    the calibration pass alone (core/calibration.py), where ranks outnumber batches
@@ -16,7 +19,8 @@ RUN is one of
 Every rank writes OUT/RUN/selection-rank{R}.json (what prepare chose) and stats-rank{R}.json (wall seconds of the
 run, peak RSS of the process so far, and an error if the run raised); rank 0 writes the adapter (OUT/RUN/adapter)
 or, for zo runs, the perturbed tensors (OUT/RUN/zo.safetensors). Every process of a group runs the same RUNs in
-the same order, so the imports (most of the cost) happen once per process. `--device cuda` puts each rank on
+the same order, so the imports (most of the cost) happen once per process. `--group-at prepare` starts no process group in main(): the first
+prepare (before any TrainingArguments) starts it. `--device cuda` puts each rank on
 cuda:LOCAL_RANK (one GPU per rank, as nccl and accelerate need); `--model default --global-batch 8 --seq 256
 --steps 20` measures the embedded model instead of the tiny one.
 """
@@ -122,35 +126,63 @@ def training_args(method: str, folder: Path, device: torch.device, world: int):
         dataloader_num_workers=0, train_sampling_strategy="sequential")  # rank r takes rows [r·B, (r+1)·B): the FSDP loop below does too
 
 
-def save_adapter(model, folder: Path) -> dict:
-    """Rank 0 writes the adapter; FSDP2 parameters are gathered first (every rank takes part). Returns what every
-    rank holds: a hash of its trained tensors, how many parameters still train, and the FSDP2 modules."""
-    from torch.distributed.fsdp import FSDPModule
+WRITES: list[str] = []  # the directories this process wrote through core/io (atomic_directory), in order
 
+
+def _count_writes() -> None:
+    import contextlib
+
+    from subtune.core import io
+
+    plain = io.atomic_directory
+
+    @contextlib.contextmanager
+    def counted(directory, *args, **kwargs):
+        WRITES.append(Path(directory).name)
+        with plain(directory, *args, **kwargs) as tmp:
+            yield tmp
+
+    io.atomic_directory = counted
+
+
+def save_adapter(model, folder: Path, exports: bool = False) -> dict:
+    """Every rank calls subtune.save (FSDP2 shards gathered inside, rank 0 writes); `exports`: export_lora too, and
+    export_merged (refused under FSDP2: the refusal is recorded). Returns what every rank holds: a hash of its
+    trained tensors, how many parameters still train, the FSDP2 modules and the directories this rank wrote."""
     from subtune.core.api import adapter_tensors
 
-    sharded = sorted(n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule))
+    sharded = sorted(n or "<root>" for n in distributed.fsdp_modules(model))
     with distributed.gathered(model):
         trained = _sha(t for _, t in sorted(adapter_tensors(model).items()))
-        if distributed.is_main_process():
-            subtune.save(model, folder / "adapter")
-    distributed.barrier()
-    return {"trained_sha256": trained, "fsdp_modules": sharded,
-            "trainable_after": sum(p.requires_grad for p in model.parameters())}
+    start = len(WRITES)
+    saved = subtune.save(model, folder / "adapter")
+    out = {"trained_sha256": trained, "fsdp_modules": sharded, "saved_to": str(saved),
+           "trainable_after": sum(p.requires_grad for p in model.parameters())}
+    if exports:
+        out["lora_info"] = subtune.export_lora(model, folder / "lora")
+        try:
+            subtune.export_merged(model, folder / "merged")
+        except subtune.SubtuneError as e:
+            out["merged_error"] = {"type": type(e).__name__, "message": str(e)}
+    out["writes"] = WRITES[start:]
+    distributed.barrier()  # under DDP the other ranks did not wait for rank 0's writes
+    return out
 
 
 def train(method: str, folder: Path, device: torch.device) -> dict:
     """An unmodified HF Trainer (DDP when launched) over the fixed global batch."""
     from transformers import Trainer
 
+    before_prepare = torch.distributed.is_initialized()
     model = prepared(method, device)
+    group = {"group_before_prepare": before_prepare, "group_after_prepare": torch.distributed.is_initialized()}
     dump_selection(model, folder)
     state = state_of(model)
     trainer = Trainer(model=model, args=training_args(method, folder, device, distributed.world_size()),
                       train_dataset=training_rows(), callbacks=state.method.callbacks(model, state))
     before = sum(p.requires_grad for p in model.parameters())
     trainer.train()
-    return {"trainable_before": before, **save_adapter(model, folder)}
+    return {"trainable_before": before, **group, **save_adapter(model, folder, exports=method == "s2ft")}
 
 
 def fsdp(method: str, folder: Path, device: torch.device) -> dict:
@@ -186,7 +218,37 @@ def fsdp(method: str, folder: Path, device: torch.device) -> dict:
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return save_adapter(model, folder)
+    return save_adapter(model, folder, exports=True)
+
+
+def zo_trainer(method: str, folder: Path, device: torch.device) -> dict:
+    """The method's own trainer class (ZOTrainer) for STEPS steps, DDP-launched or not, over the global batch with
+    row 2 labelled on its last 3 tokens only (ranks hold 14 and 10 loss tokens: the losses must be averaged by
+    token count). eps 1e-2: the fp32 loss of a half and of the union differ by a few roundings (~5e-7), which
+    moves g by ~1e-4 at eps 1e-3, 10 times less at 1e-2."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    config = dataclasses.replace(METHODS[method](), eps=1e-2)
+    model = subtune.prepare(base_model().to(device), config, calibration=calibration())
+    dump_selection(model, folder)
+    state = state_of(model)
+    rows = training_rows()
+    rows[2]["labels"][:SEQ - 3] = -100
+    args = training_args(method, folder, device, distributed.world_size())
+    args.learning_rate = ZO_LR
+    trainer = state.method.trainer_class()(model=model, args=args, train_dataset=rows)
+    initial = [t.detach().clone() for t in state.method.zo_tensors(model, state)]
+    trainer.train()
+    tensors = state.method.zo_tensors(model, state)
+    if distributed.is_main_process():
+        save_file({f"t{i}": t.detach().cpu().contiguous() for i, t in enumerate(tensors)}, folder / "zo.safetensors")
+    distributed.barrier()
+    moved = max(float((t.detach() - t0).abs().max()) for t, t0 in zip(tensors, initial))
+    return {"projected_grads": [h["projected_grads"] for h in trainer.history], "update_max": moved,
+            "zo_sha256": _sha(tensors), "steps": len(trainer.history),
+            "loss_tokens": int(sum(r["labels"][1:].ne(-100).sum() for r in rows))}
 
 
 def my_rows(masked: bool = False) -> dict:
@@ -301,6 +363,8 @@ def run(spec: str, out: Path, device: torch.device) -> None:
             stats.update(train(method, folder, device))
         elif kind == "fsdp":
             stats.update(fsdp(method, folder, device))
+        elif kind == "zotrainer":
+            stats.update(zo_trainer(method, folder, device))
         elif kind in ("zo", "zo-weighted"):
             stats.update(zo(method, folder, device, weighted=kind == "zo-weighted"))
         elif kind == "calibration":
@@ -329,6 +393,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--seq", type=int, default=SEQ)
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--group-at", choices=["start", "prepare"], default="start",
+                        help="start the process group here, or leave it to the first subtune.prepare")
     args = parser.parse_args()
     GLOBAL_BATCH, SEQ, STEPS, MODEL = args.global_batch, args.seq, args.steps, args.model
     if MODEL != "tiny":
@@ -339,8 +405,10 @@ def main() -> None:
         VOCAB = AutoConfig.from_pretrained(resolve_model_path(MODEL), local_files_only=True).vocab_size
     torch.set_num_threads(1)
     device = _device(args.device)
-    said = distributed.ensure_process_group(timeout=datetime.timedelta(seconds=120))
-    print(f"rank {distributed.rank()}: {said}", flush=True)
+    _count_writes()
+    if args.group_at == "start":
+        said = distributed.ensure_process_group(timeout=datetime.timedelta(seconds=120))
+        print(f"rank {distributed.rank()}: {said}", flush=True)
     for spec in args.runs:
         run(spec, args.out, device)
     if torch.distributed.is_initialized():

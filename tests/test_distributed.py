@@ -1,7 +1,8 @@
 """Several processes give what one process gives (issue 14): DDP through an unmodified HF Trainer, FSDP2, and
-data-parallel zeroth-order steps, each with 2 gloo ranks under torchrun on loopback, against one process on the
-same global batch (tests/dist_worker.py does the runs; one torchrun for every configuration, one plain process for
-the references, both at once). Then the single-process behaviour of core/distributed.py and spsa_step's `reduce`,
+data-parallel zeroth-order steps (spsa_step and the ZOTrainer), each with 2 gloo ranks under torchrun on loopback,
+against one process on the same global batch (tests/dist_worker.py does the runs; one torchrun for every
+configuration, one whose only run is SMT's, so that its prepare starts the process group, and one plain process
+for the references, all at once). Saving and exporting from 2 ranks write once. Then the single-process behaviour of core/distributed.py and spsa_step's `reduce`,
 and the catalogue rows."""
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from subtune.ops.zo import ZOError, spsa_step
 WORKER = Path(__file__).with_name("dist_worker.py")
 TRAINED = ["s2ft", "smt", "smt-updates", "lamda", "lamda++", "lora", "dora", "full"]
 ZEROTH = ["mezo", "senszo"]
-REFERENCE_RUNS = [f"train:{m}" for m in TRAINED] + [f"zo:{m}" for m in ZEROTH] + ["zo-weighted:senszo",
-                                                                                   "calibration"]
+REFERENCE_RUNS = ([f"train:{m}" for m in TRAINED] + [f"zo:{m}" for m in ZEROTH] + ["zo-weighted:senszo"]
+                  + [f"zotrainer:{m}" for m in ZEROTH] + ["calibration"])
 GROUP_RUNS = REFERENCE_RUNS + ["fsdp:s2ft", "mismatch", "rank-failure"]
 TIMEOUT_S = 300  # both groups together; about 20 s on a quiet 2-core machine
 TOL = 1e-6
@@ -49,14 +50,18 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, device):
-    """OUT/one (one process, the whole batch) and OUT/two (torchrun, 2 ranks, half each), run side by side."""
+    """OUT/one (one process, the whole batch), OUT/two and OUT/order (torchrun, 2 ranks, half each; no process
+    group until the first prepare, which runs before any TrainingArguments), run side by side."""
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         pytest.skip("2 ranks on CUDA need 2 GPUs (nccl and accelerate take one per rank); the CPU run covers it")
     root = tmp_path_factory.mktemp("distributed")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(_free_port())]
+    def torchrun(group: str, runs: list[str]) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port()), str(WORKER), str(root / group), *runs, "--device", device.type,
+                "--group-at", "prepare"]
+
     commands = {"one": [sys.executable, str(WORKER), str(root / "one"), *REFERENCE_RUNS, "--device", device.type],
-                "two": [*torchrun, str(WORKER), str(root / "two"), *GROUP_RUNS, "--device", device.type]}
+                "two": torchrun("two", GROUP_RUNS), "order": torchrun("order", ["train:smt"])}
     procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
              for name, cmd in commands.items()}
     failed = []
@@ -75,7 +80,7 @@ def runs(tmp_path_factory, device):
 
 def _stats(root: Path, group: str, run: str) -> list[dict]:
     folder = root / group / run.replace(":", "-")
-    ranks = 2 if group == "two" else 1
+    ranks = 1 if group == "one" else 2
     return [json.loads((folder / f"stats-rank{r}.json").read_text()) for r in range(ranks)]
 
 
@@ -103,7 +108,8 @@ def _max_difference(a: dict, b: dict) -> float:
     return worst
 
 
-@pytest.mark.parametrize("run", [f"train:{m}" for m in TRAINED] + [f"zo:{m}" for m in ZEROTH] + ["fsdp:s2ft"])
+@pytest.mark.parametrize("run", [f"train:{m}" for m in TRAINED] + [f"zo:{m}" for m in ZEROTH] + ["fsdp:s2ft"]
+                         + [f"zotrainer:{m}" for m in ZEROTH])
 def test_both_ranks_hold_the_selection_one_process_makes(runs, run):
     _ok(runs, "two", run)
     one = _selections(runs, "one", run.replace("fsdp:", "train:"))
@@ -123,6 +129,69 @@ def test_ddp_adapter_equals_one_process_on_the_same_global_batch(runs, method):
     assert [s["trainable_after"] for s in two] == [one[0]["trainable_after"]] * 2
     if method.startswith("lamda"):  # T_f = 2 of 4 steps: B froze and left training on every rank, as in one process
         assert all(s["trainable_after"] < s["trainable_before"] for s in [*one, *two])
+
+
+@pytest.mark.parametrize("group, method", [("two", "s2ft"), ("order", "smt")])
+def test_prepare_before_the_trainer_arguments_starts_the_group_and_the_ranks_agree(runs, group, method):
+    """The order of a user's own script that used to fail: prepare, then TrainingArguments (the first prepare of
+    the process starts the process group itself, so the data-driven selection is collective)."""
+    one, two = _ok(runs, "one", f"train:{method}"), _ok(runs, group, f"train:{method}")
+    assert [(s["group_before_prepare"], s["group_after_prepare"]) for s in two] == [(False, True)] * 2
+    selections = _selections(runs, group, f"train:{method}")
+    assert selections[0] == selections[1] == _selections(runs, "one", f"train:{method}")[0]
+    got = load_file(runs / group / f"train-{method}" / "adapter" / "adapter.safetensors")
+    want = load_file(runs / "one" / f"train-{method}" / "adapter" / "adapter.safetensors")
+    assert _max_difference(got, want) <= TOL
+    assert one[0]["group_after_prepare"] is False  # one process: no group is started
+
+
+def test_saving_and_exporting_from_two_ranks_write_once_and_load(runs, tiny):
+    import transformers
+    from peft import PeftModel
+
+    import subtune
+
+    rank0, rank1 = _ok(runs, "two", "train:s2ft")
+    assert rank0["writes"] == ["adapter", "lora", "merged"] and rank1["writes"] == []
+    folder = runs / "two" / "train-s2ft"
+    assert rank0["saved_to"] == rank1["saved_to"] == str(folder / "adapter")
+    assert rank0["lora_info"]["directory"] == str(folder / "lora") and rank1["lora_info"] is None  # DDP: no wait
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = subtune.load(tiny(0), folder / "adapter")(input_ids=ids).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(folder / "merged")(input_ids=ids).logits
+        lora = PeftModel.from_pretrained(tiny(0), folder / "lora")(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lora, adapted, rtol=0, atol=1e-5)
+
+
+def test_fsdp2_saves_and_exports_the_gathered_lora_and_refuses_a_merge(runs):
+    fsdp, ddp = _ok(runs, "two", "fsdp:s2ft"), _ok(runs, "two", "train:s2ft")
+    assert [s["writes"] for s in fsdp] == [["adapter", "lora"], []]
+    assert fsdp[0]["lora_info"] == fsdp[1]["lora_info"]  # collective under FSDP2: every rank gets rank 0's info
+    got = load_file(runs / "two" / "fsdp-s2ft" / "lora" / "adapter_model.safetensors")
+    want = load_file(runs / "two" / "train-s2ft" / "lora" / "adapter_model.safetensors")
+    assert _max_difference(got, want) <= TOL
+    for s in fsdp:  # before anything changed, on every rank
+        assert s["merged_error"]["type"] == "DistributedError"
+        assert "FSDP2" in s["merged_error"]["message"] and "subtune.save" in s["merged_error"]["message"]
+    assert "merged_error" not in ddp[0]
+
+
+@pytest.mark.parametrize("method", ZEROTH)
+def test_the_zo_trainer_on_two_ranks_equals_one_process_over_the_union_batch(runs, method):
+    """Through ZOTrainer itself (DDP-launched HF Trainer, its sampler and step): the same z on every rank, the two
+    losses averaged by loss tokens (14 and 10 on the two ranks)."""
+    one, two = _ok(runs, "one", f"zotrainer:{method}"), _ok(runs, "two", f"zotrainer:{method}")
+    assert [s["steps"] for s in [*one, *two]] == [4] * 3
+    assert two[0]["projected_grads"] == two[1]["projected_grads"] and two[0]["zo_sha256"] == two[1]["zo_sha256"]
+    # fp32 losses of the halves and of the union differ by a few roundings: ~5e-5 in g at eps 1e-2
+    for got, want in zip(sum(two[0]["projected_grads"], []), sum(one[0]["projected_grads"], [])):
+        assert got == pytest.approx(want, abs=3e-4)
+    assert one[0]["update_max"] > 1e-4
+    got = load_file(runs / "two" / f"zotrainer-{method}" / "zo.safetensors")
+    want = load_file(runs / "one" / f"zotrainer-{method}" / "zo.safetensors")
+    assert _max_difference(got, want) <= TOL
 
 
 def test_fsdp2_adapter_equals_the_ddp_adapter(runs):

@@ -20,14 +20,22 @@ gradients of different parameters. How each kind of selection is made to agree:
   batches, then rank 0's warmed weights and statistics are broadcast (nondeterministic GPU kernels cannot make the
   bases drift apart).
 
-`prepare` should call `ensure_process_group()` first when launched, so these collectives are active whatever the
+`prepare` calls `ensure_process_group()` first when launched, so these collectives are active whatever the
 order of `prepare` and `TrainingArguments` (accelerate and the HF Trainer join an existing group).
 Without a process group every helper here is a no-op (one process).
 
+Writing (`save`, `export_lora`, `export_merged`): only rank 0 touches the disk (`on_main_process`). Under DDP
+the other ranks return at once without communicating, so rank 0 may also save alone (the HF Trainer's
+checkpoints); a rank that reads the files rank 0 wrote calls `barrier()` first. Under FSDP2 every rank must call
+it (the shards are gathered collectively); they all leave with rank 0's result or its error, so no rank waits
+forever for a writer that failed.
+
 FSDP2 (`fully_shard` on each decoder layer after `prepare`): the method layers' trainable values are parameters of
 their decoder layer, so they are sharded with it, like the frozen base, and so is their optimizer state; nothing
-is replicated, and the result equals DDP's (tests/test_distributed.py). Reading whole tensors (save, merge,
-export) needs `gathered(model)` on every rank.
+is replicated, and the result equals DDP's (tests/test_distributed.py). Reading whole tensors (save, export_lora)
+runs inside `gathered(model)` on every rank. Changing base weights in place (merge, unmerge, unload,
+export_merged) is refused on a sharded model (`refuse_sharded`): FSDP2 all-gathers into a separate buffer that
+resharding frees, so a merge into the gathered weights would be silently lost.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import datetime
 import hashlib
 import os
 from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +54,7 @@ from subtune.core.errors import SubtuneError
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+T = TypeVar("T")
 
 
 class DistributedError(SubtuneError, RuntimeError):
@@ -223,6 +232,50 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             m.reshard()
 
 
+def fsdp_modules(model: nn.Module) -> list[str]:
+    """The names of `model`'s FSDP2 (`fully_shard`) modules ("" for the root); empty when nothing is sharded."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def refuse_sharded(model: nn.Module, verb: str) -> None:
+    """Refuse `verb` on an FSDP2-sharded model, before anything changes (the module docstring says why)."""
+    if fsdp_modules(model):
+        raise DistributedError(
+            f"{verb} changes base weights in place, which FSDP2 cannot take (a change to the gathered weights is "
+            "lost when they are resharded); save the adapter instead (subtune.save gathers the shards and rank 0 "
+            f"writes it), then {verb} in one process on a plain base: subtune.load(base, adapter_dir)")
+
+
+def on_main_process(what: str, fn: Callable[[], T], collective: bool = False) -> T | None:
+    """Run `fn` (a write) on rank 0 only. Not `collective`: the other ranks return None at once, with no
+    communication, so rank 0 may also call it alone (the HF Trainer saves checkpoints from rank 0 only).
+    `collective` (every rank calls it, as it must under FSDP2, whose gather is collective): every rank waits for
+    rank 0 and gets its result; if rank 0 fails, it raises its own error and the others a DistributedError naming
+    it. One process: just `fn()`."""
+    if not active():
+        return fn()
+    if not collective:
+        return fn() if is_main_process() else None
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    outcome = broadcast_from_rank0({"result": result,
+                                    "error": None if error is None else f"{type(error).__name__}: {error}"})
+    if error is not None:
+        raise error
+    if outcome["error"] is not None:
+        raise DistributedError(f"{what} failed on rank 0, which writes for every rank ({outcome['error']}); fix "
+                               "that error, every rank stops")
+    return outcome["result"]
+
+
 class BatchShare:
     """This rank's part of the first `limit` batches of a calibration pass (core/calibration.py), and the
     agreement of the ranks afterwards.
@@ -319,3 +372,17 @@ def _env_int(name: str, default: int) -> int:
     except ValueError:
         raise DistributedError(f"{name}={value!r} is not a whole number; the launcher sets it (torchrun, accelerate "
                                f"launch): unset {name} or start the processes with a launcher") from None
+
+
+def trainer_fsdp_args(enabled: bool) -> dict:
+    """The TrainingArguments that make the HF Trainer shard the base with FSDP2 (the CLI's `--fsdp`): {} when not
+    asked; refused without CUDA, where the stock Trainer cannot shard (docs/DISTRIBUTED.md)."""
+    if not enabled:
+        return {}
+    if not torch.cuda.is_available():
+        raise DistributedError(
+            "--fsdp needs CUDA: on the CPU the HF Trainer does not shard (accelerate's MULTI_CPU mode ignores the FSDP "
+            "plugin, and the Trainer's DDP wrap refuses sharded parameters); drop --fsdp to train with DDP, or shard "
+            "from Python: subtune.prepare, then torch.distributed.fsdp.fully_shard on each decoder layer and the "
+            "root, then your own loop (docs/DISTRIBUTED.md, FSDP2)")
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True}}
