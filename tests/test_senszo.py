@@ -336,3 +336,32 @@ def test_a_saved_mask_loads_onto_the_same_model_and_trains_exactly_its_positions
     assert set(selection) == {f"{n}.index" for n in mask}
     assert all(torch.equal(selection[f"{n}.index"], idx) for n, idx in mask.items())
     assert subtune.trainable_summary(reused).trainable == sum(i.numel() for i in mask.values())
+
+
+# ------------------------------------------------------------------------------------ dense cache (issue 15, speed)
+
+@pytest.mark.parametrize("quantize", ["nf4", "none"])
+def test_the_dense_cache_computes_the_merged_model_exactly_and_follows_the_values(quantize):
+    """With the cache on, a no-grad forward is the merged layer's computation bit for bit (dequant(D) + S in one
+    matmul), also after the sparse values change; with it off, the layer is as before."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(128, 64)
+    layer = DenseAndSparseLinear(base, torch.randperm(128 * 64)[:40], quantize=quantize)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        plain = layer(x)
+        held = layer.cache_dense(True)
+        assert held == 64 * 128 * 4  # one fp32 copy of the weight
+        cached = layer(x)
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+        layer.values.add_(torch.randn(40))  # what a ZO probe does
+        cached = layer(x)
+        layer.merge()
+        assert torch.equal(cached, layer(x))  # the merged model's computation, bit for bit
+        layer.unmerge()
+        assert layer.cache_dense(False) == 0 and layer._dense_cache is None
+        torch.testing.assert_close(layer(x), cached, atol=1e-5, rtol=1e-5)
+    x.requires_grad_(True)
+    layer.cache_dense(True)
+    layer(x).sum().backward()  # a grad-mode forward takes the uncached path: gradients reach the values
+    assert layer.values.grad is not None and x.grad is not None

@@ -1,4 +1,5 @@
-"""Accuracy by greedy generation + answer extraction, and perplexity of the reference responses."""
+"""Accuracy by greedy generation + answer extraction, candidate-ranking accuracy for multiple-choice records, and
+perplexity of the reference responses."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from subtune.core.config import ConfigError
 from subtune.core.errors import DataError
 from subtune.data.loaders import CausalCollator, encode_prompt, encode_record
+from subtune.eval.choice import has_choices, ranking_picks
 from subtune.eval.extract import extract, is_correct
 
 
@@ -22,6 +24,10 @@ class EvalResult:
     total: int
     perplexity: float | None = None
     predictions: list[dict] = field(default_factory=list, repr=False)
+    # candidate ranking (eval/choice.py) over the records that have `choices`; None when none has
+    ranking_accuracy: float | None = None
+    ranking_correct: int | None = None
+    ranking_total: int | None = None
 
 
 @torch.no_grad()
@@ -92,12 +98,18 @@ def report(result: EvalResult, **fields) -> dict:
         warnings.warn(f"perplexity is {ppl} (the model gives non-finite or overflowing losses); reported as null",
                       stacklevel=2)
         ppl = None
-    return {**fields, "accuracy": round(result.accuracy, 4), "correct": result.correct, "total": result.total,
-            "perplexity": None if ppl is None else round(ppl, 4)}
+    out = {**fields, "accuracy": round(result.accuracy, 4), "correct": result.correct, "total": result.total,
+           "perplexity": None if ppl is None else round(ppl, 4)}
+    if result.ranking_accuracy is not None:
+        out.update(ranking_accuracy=round(result.ranking_accuracy, 4), ranking_correct=result.ranking_correct,
+                   ranking_total=result.ranking_total)
+    return out
 
 
 def evaluate(model, tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 24,
-             with_perplexity: bool = True, progress: bool = True) -> EvalResult:
+             with_perplexity: bool = True, progress: bool = True, with_ranking: bool = True) -> EvalResult:
+    """Generation accuracy (and perplexity) over `records`; with `with_ranking`, also candidate-ranking accuracy
+    over those records that have `choices` (the metric the choice objective optimises)."""
     check_eval_args(records, batch_size, max_new_tokens)
     responses = generate_responses(model, tokenizer, records, batch_size, max_new_tokens, progress)
     predictions = []
@@ -107,5 +119,14 @@ def evaluate(model, tokenizer, records: list[dict], batch_size: int = 32, max_ne
                             "flag": is_correct(pred, record)})
     correct = sum(p["flag"] for p in predictions)
     ppl = perplexity(model, tokenizer, records, batch_size) if with_perplexity else None
-    return EvalResult(accuracy=correct / len(records), correct=correct, total=len(records), perplexity=ppl,
-                      predictions=predictions)
+    result = EvalResult(accuracy=correct / len(records), correct=correct, total=len(records), perplexity=ppl,
+                        predictions=predictions)
+    ranked = [(i, r) for i, r in enumerate(records) if has_choices(r)] if with_ranking else []
+    if ranked:
+        picks = ranking_picks(model, tokenizer, [r for _, r in ranked], batch_size)
+        for (i, r), pick in zip(ranked, picks):
+            predictions[i]["ranked"] = r["choices"][pick]
+        result.ranking_correct = sum(predictions[i]["ranked"] == r["answer"] for i, r in ranked)
+        result.ranking_total = len(ranked)
+        result.ranking_accuracy = result.ranking_correct / len(ranked)
+    return result

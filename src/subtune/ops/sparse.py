@@ -29,6 +29,10 @@ from subtune.ops.base import WrappedLinear
 def quantize_nf4(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
+    from subtune.core.notices import release_4bit_notice
+
+    release_4bit_notice()  # bitsandbytes' import-time CPU-kernel note matters now (core/notices.py)
+
     out_f, in_f = weight.shape
     layer = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, quant_type="nf4", compute_dtype=compute_dtype,
                               device="cpu")
@@ -107,6 +111,7 @@ class DenseAndSparseLinear(WrappedLinear):
         self.dense.requires_grad_(False)
         self.quantize = quantize
         self._merged: nn.Linear | None = None
+        self._dense_cache: torch.Tensor | None = None  # dequant(D) + S, while cache_dense(True) (ZO training)
 
     @property
     def base_layer(self) -> nn.Module:
@@ -119,6 +124,10 @@ class DenseAndSparseLinear(WrappedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self._merged(x)
+        if self._dense_cache is not None and not torch.is_grad_enabled():
+            w = self._dense_cache  # D is exactly 0 at the sparse positions: writing S there gives dequant(D) + S
+            w.view(-1).index_copy_(0, self.rows * self.in_features + self.cols, self.values.detach().to(w.dtype))
+            return nn.functional.linear(x.to(w.dtype), w, self.dense.bias).to(x.dtype)
         y = self.dense(x)
         contrib = x.index_select(-1, self.cols) * self.values.to(x.dtype)
         return y.index_add(-1, self.rows, contrib.to(y.dtype))
@@ -144,6 +153,19 @@ class DenseAndSparseLinear(WrappedLinear):
 
     def unmerge(self) -> None:
         self._merged = None
+
+    @torch.no_grad()
+    def cache_dense(self, on: bool) -> int:
+        """Keep dequant(D) + S as one dense weight in the compute dtype (`on`), so no-grad forwards (ZO probes,
+        evaluation) run one plain matmul: no dequantisation, no sparse gather/scatter, the merged model's exact
+        computation. Costs one dense compute-dtype copy of the weight (for NF4, 8x its 4-bit codes in fp32): the
+        returned bytes. `on=False` frees it."""
+        if not on:
+            self._dense_cache = None
+            return 0
+        if self._dense_cache is None:
+            self._dense_cache = dequantized_weight(self.dense).clone()
+        return self._dense_cache.numel() * self._dense_cache.element_size()
 
     def unloaded(self) -> nn.Module:
         self.merge()

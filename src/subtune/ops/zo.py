@@ -4,8 +4,9 @@
     θ  ← θ − lr · (1/n) Σ_j g_j z_j
 
 z comes from a dedicated torch.Generator per step and direction (never the global RNG), drawn for the tensors in a
-fixed order. Tensors listed in `exact_restore` are copied before the perturbation and copied back afterwards, so
-restoring cannot drift (for the small sparse value vectors); the rest are restored by regenerating z, as MeZO does.
+fixed order. With `exact_restore` the tensors are copied before the perturbation and copied back afterwards, so
+restoring cannot drift, and z is drawn once per direction (the small sparse value vectors); otherwise they are
+restored by regenerating z, as MeZO does (no copy of the model).
 
 Data parallel: ranks sharing the seeds draw the same z, so averaging the two scalar losses (`reduce=`) is the only
 communication a step needs; no gradient all-reduce, no weight broadcast.
@@ -35,11 +36,22 @@ def _perturb(tensors: Sequence[torch.Tensor], seed: int, scale: float) -> None:
         t.add_(_noise(t, generator), alpha=scale)
 
 
+def _draw(tensors: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """z for every tensor, drawn once (the same z `_perturb` regenerates for this seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [_noise(t, generator) for t in tensors]
+
+
 @torch.no_grad()
 def spsa_step(tensors: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor], seeds: Sequence[int], eps: float,
               lr: float, exact_restore: bool = True,
               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """One ZO-SGD step over `tensors` (modified in place). Returns the losses and projected gradients.
+
+    Exact restore (small tensors, SensZOQ's sparse values): z is drawn once per direction and kept for the two
+    probes and the update (memory: one more copy of the tensors, besides the restore copy). Regeneration (MeZO:
+    every weight, no copy): z is drawn three times per direction, and the last direction's restore and update are
+    one pass, θ + (ε − lr·g/n)·z, instead of two.
 
     `reduce` makes it data parallel with O(1) communication: every rank calls spsa_step with the same seeds on its
     own part of the batch, and `reduce` (e.g. `subtune.core.distributed.all_reduce_mean`) turns the (directions, 2)
@@ -49,23 +61,44 @@ def spsa_step(tensors: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tenso
     the same number of terms (equal per-rank batches of equal loss-token counts); otherwise pass a weighted reduce.
     """
     losses = torch.empty(len(seeds), 2, dtype=torch.float64)
+    kept: list[list[torch.Tensor]] = []
     for j, seed in enumerate(seeds):
-        saved = [t.clone() for t in tensors] if exact_restore else None
-        _perturb(tensors, seed, eps)
-        losses[j, 0] = float(loss_fn())
-        _perturb(tensors, seed, -2 * eps)
-        losses[j, 1] = float(loss_fn())
-        if saved is not None:
+        last = j == len(seeds) - 1
+        if exact_restore:
+            saved = [t.clone() for t in tensors]
+            zs = _draw(tensors, seed)
+            kept.append(zs)
+            for t, z in zip(tensors, zs):
+                t.add_(z, alpha=eps)
+            losses[j, 0] = float(loss_fn())
+            for t, z in zip(tensors, zs):
+                t.add_(z, alpha=-2 * eps)
+            losses[j, 1] = float(loss_fn())
             for t, s in zip(tensors, saved):
                 t.copy_(s)
         else:
             _perturb(tensors, seed, eps)
+            losses[j, 0] = float(loss_fn())
+            _perturb(tensors, seed, -2 * eps)
+            losses[j, 1] = float(loss_fn())
+            if not last:  # the last direction restores together with its update, below
+                _perturb(tensors, seed, eps)
     if reduce is not None:
-        losses = _reduced(reduce, losses)
+        try:
+            losses = _reduced(reduce, losses)
+        except BaseException:
+            if not exact_restore:  # the last direction is still at θ − εz: restore it before raising
+                _perturb(tensors, seeds[-1], eps)
+            raise
     pairs = losses.tolist()
     grads = [(plus - minus) / (2 * eps) for plus, minus in pairs]
-    for seed, g in zip(seeds, grads):
-        _perturb(tensors, seed, -lr * g / len(seeds))
+    for j, (seed, g) in enumerate(zip(seeds, grads)):
+        step = -lr * g / len(seeds)
+        if exact_restore:
+            for t, z in zip(tensors, kept[j]):
+                t.add_(z, alpha=step)
+        else:
+            _perturb(tensors, seed, step + (eps if j == len(seeds) - 1 else 0.0))
     return {"loss": sum((plus + minus) / 2 for plus, minus in pairs) / len(pairs), "projected_grads": grads,
             "seeds": list(seeds)}
 

@@ -9,11 +9,22 @@ from subtune.core.config import ConfigError, MethodConfig
 
 @dataclass
 class ZOConfig(MethodConfig):
-    """SPSA settings shared by the zeroth-order methods (MeZO defaults: ε 1e-3, one direction)."""
+    """SPSA settings shared by the zeroth-order methods (MeZO defaults: ε 1e-3, one direction).
+
+    objective: "choice" (MeZO's cross-entropy over the candidate answers, scored by mean answer log-likelihood),
+    "lm" (next-token loss on the answer), or "auto": choice when every training record has `choices`, else lm
+    (resolved against the training records before training, `subtune.train.zo.resolve_objective`; the saved config
+    holds the result). With the choice objective, `dev_size` training records are held out as a dev split, its
+    candidate-ranking accuracy is measured every `eval_every` steps and the best values are restored at the end
+    (dev_size 0: off). `dense_cache`: ZO training keeps each SensZOQ layer's dense weight dequant(D) + S (no
+    dequantisation nor sparse gather per probe; costs one compute-dtype copy of each target weight).
+    """
 
     eps: float = 1e-3
     directions: int = 1
-    objective: Literal["lm", "choice"] = "lm"  # choice: MeZO's loss over candidate answers (records with choices)
+    objective: Literal["auto", "lm", "choice"] = "auto"
+    dev_size: int = 100
+    eval_every: int = 50
 
     def validate(self) -> None:
         super().validate()
@@ -21,6 +32,16 @@ class ZOConfig(MethodConfig):
             raise ConfigError(f"{self.method}: eps must be a finite number > 0, got {self.eps}; MeZO's default is 1e-3")
         if self.directions < 1:
             raise ConfigError(f"{self.method}: directions must be >= 1, got {self.directions}; use 1 (MeZO's default)")
+        if not _whole(self.dev_size) or self.dev_size < 0:
+            raise ConfigError(f"{self.method}: dev_size must be a whole number of records >= 0 (0: no dev split), got "
+                              f"{self.dev_size!r}; e.g. 100")
+        if not _whole(self.eval_every) or self.eval_every < 1:
+            raise ConfigError(f"{self.method}: eval_every must be a whole number of steps >= 1, got "
+                              f"{self.eval_every!r}; e.g. 50")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -49,6 +70,7 @@ class SensZOConfig(ZOConfig):
     mask_path: str | None = None
     # where the sensitivity is measured: the embedded pretraining text (the paper: C4 text), or the task's data
     calibration_source: Literal["corpus", "train"] = "corpus"
+    dense_cache: bool = True
 
     def validate(self) -> None:
         super().validate()

@@ -43,7 +43,8 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
     # method tolerates a larger lr than MeZO
     default_lr = 1e-5
     own_base_floor = True  # the bench compares its step with inference on the same (4-bit) base
-    demo = {"lr": 1e-2, "steps_factor": 3, "config": {"calibration_source": "train", "calibration_samples": 16}}
+    # not in the default demo: ZO needs thousands of steps to move accuracy (`subtune repro senszo` measures it)
+    demo = None
 
     def calibration_batches(self, config: SensZOConfig) -> int:
         return 0 if config.mask_path or config.mask_source != "sensitivity" else config.calibration_samples
@@ -91,6 +92,12 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
     def zo_tensors(self, model: nn.Module, state) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers(model).values()]
 
+    def callbacks(self, model: nn.Module, state) -> list:
+        """The dense cache for the run (config.dense_cache): each ZO probe runs one matmul per layer."""
+        from subtune.train.zo import DenseCacheCallback
+
+        return [DenseCacheCallback(model)] if state.config.dense_cache else []
+
 
 def checked_positions(model: nn.Module, selection: Selection) -> dict[str, torch.Tensor]:
     """The selection's positions per module, all checked before any layer is swapped (a saved adapter may have been
@@ -126,7 +133,7 @@ class MeZOMethod(ZerothOrderMixin, FullMethod):
     default_lr = 1e-6
     exact_restore = False  # a copy of every weight would double memory; z is regenerated instead
     bench_reference = None  # full fine-tuning is the reference, not MeZO
-    demo = {"lr": 1e-4, "steps_factor": 2}
+    demo = None  # as SensZOQ: `subtune repro senszo` measures it
 
     def attach(self, model: nn.Module, config: MeZOConfig, selection: Selection) -> None:
         for p in model.parameters():
