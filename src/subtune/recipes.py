@@ -27,8 +27,8 @@ def demo_methods() -> dict[str, dict[str, Any]]:
 
     The settings live with each method: learning rates from a short sweep on the embedded commonsense task (full FT
     needs far less than adapters; LaMDA's orthonormal projections and S²FT's slices more), budgets of the order of
-    LoRA r=16 (5.5% of the model), and more steps for zeroth-order methods (`steps_factor`: a ZO step costs two
-    forwards and no backward, and ZO needs many more steps than gradient methods).
+    LoRA r=16 (5.5% of the model). The zeroth-order methods have none: they need thousands of steps to move accuracy
+    (`demo_left_out`; `subtune repro senszo` measures them).
     """
     return {m.id: copy.deepcopy(m.demo) for m in registered_methods() if m.demo is not None}
 
@@ -83,7 +83,7 @@ def make_config(method_id: str, file_values: dict[str, Any] | None = None,
 
 def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], output_dir: str | Path,
              resume: bool | str = False, *, seed: int | None = None, overwrite: bool = False,
-             option_names: dict[str, str] | None = None, **train_kwargs):
+             option_names: dict[str, str] | None = None, on_prepared=None, **train_kwargs):
     """prepare -> Trainer.train -> save the adapter to output_dir/adapter. Returns (model, trainer).
 
     Everything is checked before any work: the training numbers, the output directory (writable; holding no other
@@ -91,16 +91,21 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
     path; same method, config, base and selection), answers cut by `max_length`. `seed` (default config.seed) seeds
     every RNG before `prepare` (selection, PEFT's init, the Trainer's data order) and becomes config.seed unless the
     config sets its own, so two identical calls write byte-identical adapters. `option_names` spells the options
-    in error messages as the caller's user knows them (the CLI: its flags).
+    in error messages as the caller's user knows them (the CLI: its flags). `on_prepared(model)` runs once after
+    `prepare`, before the first step (the CLI prints the method's selection summary there).
     """
     import transformers
 
     from subtune.train import runs
+    from subtune.train import zo
     from subtune.train.trainer import DEFAULT_MAX_LENGTH, check_answers_fit, check_training_args, resolve_seed
 
     output_dir = Path(output_dir)
     names = option_names or {}
     config, seed = resolve_seed(config, seed)
+    # ZO: an "auto" objective becomes choice on multiple-choice records; a choice run holds out its dev split
+    config = zo.resolve_objective(config, train_records)
+    train_records, dev_records = zo.dev_split(config, train_records)
     check_training_args(names, **train_kwargs)
     runs.check_output_dir(output_dir, resume=bool(resume), overwrite=overwrite, any_run=False)
     checkpoint, partial = None, []
@@ -118,13 +123,21 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
     if checkpoint is not None:
         runs.check_resume_selection(model, checkpoint)
         _check_final_save(model, config, output_dir)
+    if on_prepared is not None:
+        on_prepared(model)
     trainer = build_trainer(model, tokenizer, train_records, output_dir, seed=seed, **train_kwargs)
+    zo.add_best_dev(trainer, tokenizer, config, dev_records)  # best-dev values restored at the end (dev, not test)
     if not train_kwargs.get("progress", True):
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # quiet: no per-log-step dicts on stdout
-    # all checks passed: now drop what is garbage (incomplete checkpoints) or what the caller asked to replace
-    runs.remove_checkpoints(partial + ([p for _, p in runs.checkpoints(output_dir)] if overwrite else []))
+    # all checks passed: now drop what is garbage (incomplete checkpoints) or what the caller asked to replace;
+    # under a launcher rank 0 deletes (and, in the Trainer and api.save, writes) while the others wait
+    from subtune.core import distributed
+
+    if distributed.is_main_process():
+        runs.remove_checkpoints(partial + ([p for _, p in runs.checkpoints(output_dir)] if overwrite else []))
+    distributed.barrier()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     api.save(model, output_dir / "adapter", overwrite=overwrite)
     return model, trainer
@@ -148,12 +161,17 @@ class DemoRow:
     after: float
     perplexity: float
     seconds: float
+    # candidate-ranking accuracy (tasks with choices; None otherwise) and why a metric fell, if one did
+    ranking_before: float | None = None
+    ranking_after: float | None = None
+    note: str = ""
 
 
 def run_demo(task: str = "commonsense", methods: list[str] | None = None, steps: int = 80, batch_size: int = 8,
              limit: int | None = 100, output_dir: str | Path = "runs/demo", progress: bool = True,
              model_name: str = "default") -> tuple[EvalResult, list[DemoRow]]:
-    """Zero-shot accuracy of the embedded model, then each method fine-tuned for `steps` and evaluated."""
+    """Zero-shot accuracy of the embedded model, then each method fine-tuned for `steps` and evaluated: generation
+    accuracy, and candidate-ranking accuracy on tasks with choices (what the zeroth-order methods optimise)."""
     from subtune.zoo import load_model
 
     settings_of = demo_methods()
@@ -170,22 +188,57 @@ def run_demo(task: str = "commonsense", methods: list[str] | None = None, steps:
         method_steps = steps * settings.get("steps_factor", 1)
         if progress:
             print(f"[demo] {method_id}: {method_steps} steps, lr {settings['lr']:g}", flush=True)
-        finetune(model, tokenizer, make_config(method_id, settings.get("config")), train,
-                 Path(output_dir) / method_id, max_steps=method_steps, learning_rate=settings["lr"],
-                 batch_size=batch_size, logging_steps=max(method_steps // 4, 1), save_strategy="no", progress=False)
+        config = make_config(method_id, settings.get("config"))
+        finetune(model, tokenizer, config, train, Path(output_dir) / method_id, max_steps=method_steps,
+                 learning_rate=settings["lr"], batch_size=batch_size, logging_steps=max(method_steps // 4, 1),
+                 save_strategy="no", progress=False)
         seconds = time.perf_counter() - start
         after = evaluate(model, tokenizer, test, progress=False)
         summary = api.trainable_summary(model)
         rows.append(DemoRow(method_id, summary.trainable, summary.percent, before.accuracy, after.accuracy,
-                            after.perplexity or float("nan"), seconds))
+                            after.perplexity or float("nan"), seconds, before.ranking_accuracy,
+                            after.ranking_accuracy, _drop_note(before, after, api.state_of(model))))
     return before, rows
 
 
+def _drop_note(before: EvalResult, after: EvalResult, state) -> str:
+    """Why a row's metric is below the untouched model's, from what the run optimised ("" when none fell)."""
+    objective = state.method.objective(state.config)  # finetune resolved "auto" before prepare
+    notes = []
+    if after.accuracy < before.accuracy:
+        notes.append("generation below zero-shot: " + ("this run optimised candidate ranking, not the generated "
+                                                        "answer" if objective == "choice" else
+                                                        "too few steps or too high an lr for this method"))
+    if after.ranking_accuracy is not None and after.ranking_accuracy < before.ranking_accuracy:
+        notes.append("ranking below zero-shot: " + ("the best-dev values were no better on these test questions"
+                                                     if objective == "choice" else "it trains the answer's "
+                                                     "likelihood, which also shifts the distractors' scores"))
+    return "; ".join(notes)
+
+
+def demo_left_out() -> list[str]:
+    """The zeroth-order methods the default demo leaves out (no `demo` settings): they need thousands of steps to
+    move accuracy, far beyond the demo's minutes; `subtune repro senszo` measures them."""
+    return [m.id for m in registered_methods() if m.zeroth_order and m.demo is None]
+
+
 def format_demo_table(task: str, rows: list[DemoRow]) -> str:
-    lines = [f"task: {task}",
-             "| method | trainable | % of base | accuracy before | accuracy after | test ppl | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    ranking = any(r.ranking_before is not None for r in rows)
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    head = "| method | trainable | % of base | accuracy before | accuracy after |"
+    rule = "|---|---:|---:|---:|---:|"
+    if ranking:
+        head, rule = head + " ranking before | ranking after |", rule + "---:|---:|"
+    lines = [f"task: {task}", head + " test ppl | train s | note |", rule + "---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.method} | {r.trainable:,} | {r.percent:.2f} | {100 * r.before:.1f}% | "
-                     f"{100 * r.after:.1f}% | {r.perplexity:.2f} | {r.seconds:.0f} |")
+        cells = f"| {r.method} | {r.trainable:,} | {r.percent:.2f} | {pct(r.before)} | {pct(r.after)} |"
+        if ranking:
+            cells += f" {pct(r.ranking_before)} | {pct(r.ranking_after)} |"
+        lines.append(cells + f" {r.perplexity:.2f} | {r.seconds:.0f} | {r.note} |")
+    left_out = [m for m in demo_left_out() if m not in {r.method for r in rows}]
+    if left_out:
+        lines.append(f"\nNot in this table: {', '.join(left_out)} (zeroth-order: thousands of steps to move "
+                     "accuracy on this model, beyond the demo's minutes). `subtune repro senszo` trains them on the "
+                     "choice objective with best-dev selection and reports candidate-ranking accuracy with seeds; "
+                     "`subtune demo --methods <id>` runs one here anyway.")
     return "\n".join(lines)

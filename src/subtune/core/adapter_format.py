@@ -79,7 +79,8 @@ def write_adapter_file(path: Path, contents: AdapterContents) -> str:
     return write_delta_file(path, contents.deltas, extra=extra)
 
 
-def read_adapter_file(path: Path, expected_sha256: str, *, allow_nonfinite: bool = False) -> AdapterContents:
+def read_adapter_file(path: Path, expected_sha256: str, *, allow_nonfinite: bool = False,
+                      option_names: Mapping[str, str] | None = None) -> AdapterContents:
     """The checked contents of adapter.safetensors: checksum, delta table, every tensor in a known namespace, and
     (unless allow_nonfinite) no NaN/inf anywhere (NonFiniteError naming the tensor)."""
     deltas, others = read_delta_file(path, expected_sha256, check_finite=False)
@@ -93,7 +94,7 @@ def read_adapter_file(path: Path, expected_sha256: str, *, allow_nonfinite: bool
         {k[len(STATE_PREFIX):]: v for k, v in others.items() if k.startswith(STATE_PREFIX)},
     )
     if not allow_nonfinite:
-        guards.check_finite(contents.tensors(), "load", where=f"{path}: ")
+        guards.check_finite(contents.tensors(), "load", where=f"{path}: ", option_names=option_names)
     return contents
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from subtune.core import adapter_format as fmt
-from subtune.core import guards, io
+from subtune.core import bases, distributed, guards, io
 from subtune.core.adapter_format import (  # noqa: F401 (re-exported)
     SELECTION_PREFIX, STATE_PREFIX, AdapterContents, merge_deltas, read_deltas,
 )
@@ -67,10 +67,14 @@ def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] 
 
     Selection and initialisation run with every RNG seeded from `config.seed` (the caller's RNG states are restored
     afterwards), so the same base and config give byte-identical adapters. If anything fails, the model is restored.
+    Under a launcher (torchrun, `accelerate launch`) it first joins or starts the process group, so every rank
+    selects the same weights whether it runs before or after the Trainer's arguments (core/distributed.py).
     """
     guards.check_config_object(config)
     guards.check_model(model, "prepare")
     _refuse_prepared(model)
+    _refuse_sharded_base(model, "prepare")
+    distributed.ensure_process_group()
     method = get_method(config.method)
     config.validate()
     decoder_layers(model)
@@ -86,11 +90,17 @@ def prepare(model: nn.Module, config: MethodConfig, calibration: Iterable[dict] 
     return model
 
 
+def _refuse_sharded_base(model: nn.Module, verb: str) -> None:
+    if distributed.fsdp_modules(model):
+        raise SubtuneError(f"{verb}: this model is already sharded with FSDP2 (fully_shard); {verb} the plain model "
+                           "first, then call fully_shard on its decoder layers and the root")
+
+
 def _attach_state(model, method, config, selection) -> AdapterState:
     state = AdapterState(
         method=method, config=config, selection=selection, fingerprint=fingerprint(model),
         base_parameters=sum(p.numel() for p in model.parameters()),
-        base_name=str(getattr(model.config, "_name_or_path", "") or ""),
+        base_name=bases.canonical_name(str(getattr(model.config, "_name_or_path", "") or "")),
     )
     setattr(model, STATE_ATTR, state)
     from subtune.core.checkpoint import install_save_hook  # HF save_pretrained/Trainer: adapter only
@@ -118,10 +128,20 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, al
     The directory is replaced atomically: a reader (or a crash) sees the old adapter or the new one, never a mix.
     Refuses, before writing anything, an adapter holding NaN/inf (unless `allow_nonfinite`) and a directory holding
     an adapter of another method, format or base model (unless `overwrite`); a newer save of the same run is fine.
+    Several processes: rank 0 writes; under FSDP2 call it on every rank, the shards are gathered
+    (core/distributed.py).
     """
     state = state_of(model)
     directory = guards.as_directory(directory, "save")
-    contents = adapter_contents(model)
+    with distributed.gathered(model):
+        distributed.on_main_process("save", lambda: _write_adapter(state, adapter_contents(model), directory,
+                                                                   overwrite, allow_nonfinite),
+                                    collective=bool(distributed.fsdp_modules(model)))
+    return directory
+
+
+def _write_adapter(state: AdapterState, contents: AdapterContents, directory: Path, overwrite: bool,
+                   allow_nonfinite: bool) -> Path:
     if not allow_nonfinite:
         guards.check_finite(contents.tensors(), "save")
     if not overwrite:
@@ -133,7 +153,7 @@ def save(model: nn.Module, directory: str | Path, *, overwrite: bool = False, al
         "config": state.config.to_dict(),
         "selection": state.selection.info,
         "fingerprint": state.fingerprint,
-        "base_model_name_or_path": state.base_name,
+        **bases.base_record(state.base_name),  # an absolute path (and a shipped base's id): found from anywhere
         "base_parameters": state.base_parameters,
         "base_changed": state.method.base_changed(state),
         "deltas": fmt.delta_summary(contents.deltas),
@@ -162,7 +182,8 @@ def _method_and_config(cfg: dict[str, Any], directory: Path) -> tuple[Method, Me
     return method, config
 
 
-def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False) -> nn.Module:
+def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = False,
+         option_names: dict[str, str] | None = None) -> nn.Module:
     """Attach a saved adapter to a fresh copy of the base it was trained on: the method attaches from the saved
     selection, then `restore` puts the saved deltas and training state back (docs/FORMAT.md).
 
@@ -173,17 +194,19 @@ def load(model: nn.Module, directory: str | Path, *, allow_nonfinite: bool = Fal
     directory = guards.as_directory(directory, "load")
     cfg = read_adapter_config(directory)
     guards.check_model(model, "load")
+    _refuse_sharded_base(model, "load")
     if getattr(model, STATE_ATTR, None) is not None:
         raise SubtuneError("this model already has a subtune method attached; load onto a fresh base model")
     method, config = _method_and_config(cfg, directory)
     check_fingerprint(cfg["fingerprint"], model, directory)
-    saved = fmt.read_adapter_file(directory / WEIGHTS_FILE, cfg["adapter_sha256"], allow_nonfinite=allow_nonfinite)
+    saved = fmt.read_adapter_file(directory / WEIGHTS_FILE, cfg["adapter_sha256"], allow_nonfinite=allow_nonfinite,
+                                  option_names=option_names)  # how the NaN hint spells its option
     selection = Selection(saved.selection, cfg.get("selection", {}))
     base_tensors = model.state_dict(keep_vars=True)
     try:
         with transaction(model, "load", method.modifies_base(config)), seeded(config.seed):
             state = _attach_state(model, method, config, selection)
-            state.base_name = cfg.get("base_model_name_or_path") or state.base_name
+            state.base_name = cfg.get("subtune_base") or cfg.get("base_model_name_or_path") or state.base_name
             freeze(model)
             method.attach(model, config, selection)
             _check_contents_fit(method, model, state, saved, cfg, directory)
@@ -260,8 +283,10 @@ def _swap_in_base_values(base_tensors: dict[str, torch.Tensor], values: dict[str
 
 
 def merge(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
-    """Fold the trained update into the base weights in place; `unmerge` undoes it. Refuses NaN/inf updates."""
+    """Fold the trained update into the base weights in place; `unmerge` undoes it. Refuses NaN/inf updates, and
+    an FSDP2-sharded model (under DDP every rank merges its own copy)."""
     state = state_of(model)
+    distributed.refuse_sharded(model, "merge")
     if not state.merged:
         if not allow_nonfinite:
             guards.check_finite(adapter_contents(model).tensors(), "merge")
@@ -272,6 +297,7 @@ def merge(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     state = state_of(model)
+    distributed.refuse_sharded(model, "unmerge")
     if state.merged:
         state.method.unmerge(model)
         state.merged = False
@@ -281,6 +307,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
     """Merge, then replace method layers with plain modules: returns a plain HF model with no subtune state."""
     state = state_of(model)
+    distributed.refuse_sharded(model, "unload")
     merge(model, allow_nonfinite=allow_nonfinite)
     state.method.unload(model)
     delattr(model, STATE_ATTR)
@@ -290,8 +317,12 @@ def unload(model: nn.Module, *, allow_nonfinite: bool = False) -> nn.Module:
 
 
 def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fallback: str = "error", *,
-                overwrite: bool = False, allow_nonfinite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, allow_nonfinite: bool = False,
+                base_path: str | None = None, option_names: dict[str, str] | None = None) -> dict[str, Any]:
     """Write a PEFT LoRA adapter equal to the trained update, for any method, from its deltas.
+
+    Its `base_model_name_or_path` is `base_path` if given (e.g. a copy of the base written beside it), else the
+    base's absolute directory, so `peft.AutoPeftModelForCausalLM.from_pretrained(directory)` opens it offline.
 
     Each module's delta becomes exact LoRA factors where its rank allows (one-hot factors for columns/rows, block
     factors for blocks, the factors themselves for lowrank; `Delta.to_lora`). A module needing a rank above
@@ -299,31 +330,39 @@ def export_lora(model: nn.Module, directory: str | Path, max_rank: int = 512, fa
     rank-`max_rank` approximation (the returned dict reports each relative error). An adapter that replaced base
     weights (`base_changed`) has no LoRA form against the original base and is refused. The directory is written
     atomically; an earlier LoRA export there is replaced, a subtune adapter only with `overwrite=True`. NaN/inf
-    updates are refused unless `allow_nonfinite`.
+    updates are refused unless `allow_nonfinite`. `option_names` spells the fixes in error messages as the caller's
+    user knows them (the CLI: its flags; keys as `guards.API_NAMES`).
     """
     state = state_of(model)
-    guards.check_export_args(max_rank, fallback)
+    names = guards.hint_names(option_names)
+    guards.check_export_args(max_rank, fallback, names)
     directory = guards.as_directory(directory, "export_lora")
     if state.method.base_changed(state):
         raise ExportError(
             f"this {state.method.id!r} adapter is not a pure update of the original base (it replaced base weights, "
             "e.g. full fine-tuning or a warm-up that trained the base), so no LoRA is exact against that base; "
-            "export a merged model instead (subtune.merge(model), then save_pretrained)")
-    deltas = state.method.deltas(model, state)
-    if not allow_nonfinite:
-        guards.check_finite(AdapterContents(deltas, {}, {}).tensors(), "export")
-    if not overwrite:
-        guards.check_export_target(directory)
-    factors, info = lora_factors(deltas, max_rank, fallback)
-    write_lora_factors(directory, factors, base_name=state.base_name)
-    return {**info, "directory": str(directory)}
+            f"export a merged model instead ({names['merged']})")
+    def write() -> dict[str, Any]:
+        deltas = state.method.deltas(model, state)
+        if not allow_nonfinite:
+            guards.check_finite(AdapterContents(deltas, {}, {}).tensors(), "export", option_names=names)
+        if not overwrite:
+            guards.check_export_target(directory, option_names=names)
+        factors, info = lora_factors(deltas, max_rank, fallback, names)
+        write_lora_factors(directory, factors, base_name=base_path or bases.base_path_for_peft(state.base_name))
+        return {**info, "directory": str(directory)}
+
+    # several processes: rank 0 writes and returns the info (the others None); under FSDP2 every rank calls it,
+    # gathers the shards and gets the info
+    with distributed.gathered(model):
+        return distributed.on_main_process("export_lora", write, collective=bool(distributed.fsdp_modules(model)))
 
 
 @dataclass
 class TrainableSummary:
-    trainable: int
+    trainable: int  # values training can change (an SMT edge block's padding is not counted)
     base: int
-    optimizer_state_bytes: int  # AdamW: two fp32 moments per trainable value (none for zeroth-order methods)
+    optimizer_state_bytes: int  # AdamW: two fp32 moments per stored trainable entry (none for zeroth-order methods)
     gradient_bytes: int
 
     @property
@@ -341,14 +380,15 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     state = getattr(model, STATE_ATTR, None)
     base = state.base_parameters if state else sum(p.numel() for p in model.parameters())
     zeroth_order = bool(state and state.method.zeroth_order)  # SPSA keeps no optimizer state and no gradients
-    return TrainableSummary(
-        trainable=n, base=base, optimizer_state_bytes=0 if zeroth_order else 8 * n,
+    return TrainableSummary(  # the count is of reachable values, the bytes of what is stored (padding included)
+        trainable=state.method.trainable_values(model, state) if state else n, base=base,
+        optimizer_state_bytes=0 if zeroth_order else 8 * n,
         gradient_bytes=0 if zeroth_order else sum(p.numel() * p.element_size() for p in trainable),
     )
 
 
 def export_merged(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False,
-                  allow_nonfinite: bool = False) -> Path:
+                  allow_nonfinite: bool = False, option_names: dict[str, str] | None = None) -> Path:
     """Write the trained model with its update merged into the base weights as a plain HF model directory
     (`save_pretrained`, safetensors; plus `tokenizer` when given), which transformers or vLLM load with no subtune
     code. Every method has this export; it is the only one for updates with no exact LoRA form against the
@@ -356,14 +396,25 @@ def export_merged(model: nn.Module, directory: str | Path, tokenizer=None, *, ov
 
     `model` is unloaded in place (`subtune.unload`): afterwards it is that plain merged model. Everything that can
     be checked is checked first: the directory must be writable and hold no subtune adapter (unless `overwrite`),
-    and NaN/inf updates are refused (unless `allow_nonfinite`). The directory is written atomically.
+    and NaN/inf updates are refused (unless `allow_nonfinite`). The directory is written atomically. Several
+    processes (DDP): each rank that calls it unloads its copy, rank 0 writes. Refused on an FSDP2-sharded model.
     """
     state_of(model)
     directory = guards.as_directory(directory, "export_merged")
-    if not overwrite:
-        guards.check_export_target(directory, "a merged export")
-    io.check_writable(directory)
+    distributed.refuse_sharded(model, "export_merged")
+
+    def check() -> None:
+        if not overwrite:
+            guards.check_export_target(directory, "a merged export", option_names)
+        io.check_writable(directory)
+
+    distributed.on_main_process("export_merged", check)
     unload(model, allow_nonfinite=allow_nonfinite)
+    distributed.on_main_process("export_merged", lambda: _write_merged(model, directory, tokenizer))
+    return directory
+
+
+def _write_merged(model: nn.Module, directory: Path, tokenizer) -> Path:
     # dropped from an existing directory: an earlier export's shards this one would not overwrite, and adapter
     # files (an earlier LoRA export; a subtune adapter only gets here with overwrite) that loaders would pick up
     stale = {p.name for p in directory.glob("model*.safetensors*")} if directory.is_dir() else set()

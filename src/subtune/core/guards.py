@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -74,13 +74,25 @@ def _short(d: dict) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_export_args(max_rank: Any, fallback: Any) -> None:
+# How hints spell the options a fix needs; a caller with other spellings (the CLI: its flags) passes its own
+# `option_names`, merged over these (`hint_names`).
+API_NAMES = {"merged": "subtune.export_merged (or subtune.merge(model), then save_pretrained)",
+             "fallback_svd": "fallback='svd'", "max_rank": "max_rank", "overwrite": "overwrite=True",
+             "allow_nonfinite": "allow_nonfinite=True"}
+
+
+def hint_names(option_names: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {**API_NAMES, **(option_names or {})}
+
+
+def check_export_args(max_rank: Any, fallback: Any, option_names: Mapping[str, str] | None = None) -> None:
+    names = hint_names(option_names)
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise ExportError(f"max_rank must be an integer >= 1, got {max_rank!r}; pass e.g. max_rank=512 "
+        raise ExportError(f"{names['max_rank']} must be an integer >= 1, got {max_rank!r}; give e.g. 512 "
                           "(vLLM's ceiling)")
     if fallback not in ("error", "svd"):
-        raise ExportError(f"fallback must be 'error' or 'svd', got {fallback!r}; use fallback='svd' for an "
-                          "approximate export of modules above max_rank")
+        raise ExportError(f"fallback must be 'error' or 'svd', got {fallback!r}; use {names['fallback_svd']} for an "
+                          f"approximate export of modules above {names['max_rank']}")
 
 
 # ---------------------------------------------------------------------------------------------- finite values
@@ -99,13 +111,14 @@ def first_nonfinite(tensors: dict[str, torch.Tensor]) -> tuple[str, int, int] | 
     return None
 
 
-def check_finite(tensors: dict[str, torch.Tensor], verb: str, where: str = "") -> None:
+def check_finite(tensors: dict[str, torch.Tensor], verb: str, where: str = "",
+                 option_names: Mapping[str, str] | None = None) -> None:
     found = first_nonfinite(tensors)
     if found:
         name, bad, total = found
         raise NonFiniteError(
             f"{where}tensor {name} holds {bad} NaN/inf value(s) of {total}: training diverged. Lower the learning "
-            f"rate and retrain (or pass allow_nonfinite=True to {verb} it anyway)")
+            f"rate and retrain (or pass {hint_names(option_names)['allow_nonfinite']} to {verb} it anyway)")
 
 
 # ------------------------------------------------------------------------------------------- adapter_config.json
@@ -113,7 +126,7 @@ def check_finite(tensors: dict[str, torch.Tensor], verb: str, where: str = "") -
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,), "config": (dict,), "fingerprint": (dict,), "adapter_sha256": (str,), "selection": (dict,),
     "subtune_version": (str,), "format_version": (int,), "base_parameters": (int,),
-    "base_model_name_or_path": (str, type(None)), "base_changed": (bool,), "deltas": (dict,),
+    "base_model_name_or_path": (str, type(None)), "base_changed": (bool,), "deltas": (dict,), "subtune_base": (str,),
 }
 REQUIRED = ("method", "config", "fingerprint", "adapter_sha256", "base_changed")
 
@@ -208,12 +221,13 @@ def check_save_target(directory: Path, method_id: str, fp: dict[str, Any]) -> No
                                  f"saving there would replace it: {fix}")
 
 
-def check_export_target(directory: Path, what: str = "a LoRA export") -> None:
+def check_export_target(directory: Path, what: str = "a LoRA export",
+                        option_names: Mapping[str, str] | None = None) -> None:
     """An export (`what`) may replace an earlier export, never a subtune adapter (its own training result)."""
     if directory.exists() and not directory.is_dir():
         raise AdapterSaveError(f"{directory} is a file, not a directory; pass a directory path")
     kind, cfg = _existing_config(directory)
-    fix = "export to another directory or pass overwrite=True to replace it"
+    fix = f"export to another directory or pass {hint_names(option_names)['overwrite']} to replace it"
     if kind == "unreadable":
         raise AdapterExistsError(f"{directory} holds an adapter_config.json subtune cannot read; {fix}")
     if (kind == "json" and isinstance(cfg, dict) and "method" in cfg) or (directory / WEIGHTS_FILE).exists():

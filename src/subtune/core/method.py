@@ -99,6 +99,11 @@ class Method(ABC):
     def attach(self, model: nn.Module, config: MethodConfig, selection: Selection) -> None:
         """Swap the selected modules for method layers in place; leave only the method's values trainable."""
 
+    def trainable_values(self, model: nn.Module, state: AdapterState) -> int:
+        """How many values training can change (`trainable_summary`): every entry of the trainable parameters,
+        unless some are storage only (SMT's ragged edge blocks pad to b×b; the padding never reaches the output)."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
     def config_for_budget(self, model_config, trainable: int) -> MethodConfig:
         """A config that trains about `trainable` values on a model with this HF config (used by the benchmark to
         compare methods at equal budget). Methods without a budget knob return their defaults."""
@@ -109,6 +114,11 @@ class Method(ABC):
         from subtune.core.config import ConfigError
 
         raise ConfigError(f"method {self.id!r} has no benchmark variant {variant!r}; drop '@{variant}'")
+
+    def selection_summary(self, model: nn.Module, state: AdapterState) -> str | None:
+        """One compact line (or a few) saying what `select` chose, printed once by `subtune train` (e.g. LaMDA++'s
+        per-layer ranks); None: nothing worth printing."""
+        return None
 
     def callbacks(self, model: nn.Module, state: AdapterState) -> list:
         """HF TrainerCallbacks this method needs during training (none by default)."""
@@ -197,6 +207,21 @@ class LayerMethod(Method):
             replace_module(model, name, layer.unloaded())
 
 
+def per_layer_summary(counts: Mapping[str, int], num_layers: int) -> str:
+    """{module path: count} -> "q_proj [3, 0, 5, 1], v_proj [...]": one list per projection, one entry per decoder
+    layer (0 where the layer has none), for `selection_summary`."""
+    import re
+
+    table: dict[str, list[int]] = {}
+    for path, count in counts.items():
+        layer = re.search(r"(?:^|\.)(\d+)\.", path)
+        if layer is None:
+            continue
+        row = table.setdefault(path.rsplit(".", 1)[-1], [0] * num_layers)
+        row[int(layer.group(1))] += int(count)
+    return ", ".join(f"{leaf} {row}" for leaf, row in table.items())
+
+
 def check_same_support(method_id: str, name: str, live: Delta, saved: Delta) -> None:
     """A saved delta must describe the attached layer: same kind, shape, block size and indices (the values are
     what is restored). A mismatch means the file and its selection come from different saves, or were edited."""
@@ -211,48 +236,8 @@ def check_same_support(method_id: str, name: str, live: Delta, saved: Delta) -> 
                                "corrupt or was edited: re-save it from the trained model")
 
 
-# Built-in methods are registered by `subtune/__init__.py` (it imports `subtune.methods` after the core), never by
-# the core itself: core imports no method code, not even lazily, so there is no core -> methods -> core cycle.
-# Python runs `subtune/__init__.py` before any `subtune.*` submodule, so the built-ins are registered before user
-# code can ask for one. A new method registers itself the same way, with `register_method`, when it is imported.
-_REGISTRY: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    from subtune.core.errors import RegistrationError
-
-    if not method.id or not isinstance(method.id, str):
-        raise RegistrationError(f"{type(method).__name__} has no id; set `id` to a non-empty string")
-    if method.id in _REGISTRY and type(_REGISTRY[method.id]) is not type(method):
-        raise RegistrationError(f"method id {method.id!r} is already registered by "
-                                f"{type(_REGISTRY[method.id]).__name__}; give {type(method).__name__} another id")
-    _REGISTRY[method.id] = method
-    return method
-
-
-def get_method(method_id: str) -> Method:
-    from subtune.core.errors import UnknownMethodError
-
-    try:
-        return _REGISTRY[method_id]
-    except (KeyError, TypeError):  # TypeError: an unhashable id such as a list
-        raise UnknownMethodError(f"unknown method {method_id!r}; available methods: {sorted(_REGISTRY)} "
-                                 "(see `subtune methods`)") from None
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def registered_methods() -> list[Method]:
-    """Every registered method in registration order (the built-ins in the order of `subtune/methods/__init__.py`,
-    which is the demo's row order)."""
-    return list(_REGISTRY.values())
-
-
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    from subtune.core.config import ConfigError
-
-    if not isinstance(data, dict) or "method" not in data:
-        raise ConfigError(f"a config needs a 'method' key; add one of {available_methods()}")
-    return get_method(data["method"]).config_class.from_dict(data)
+# The registry lives in core/registry.py (no torch there, so the package root can wire up the built-in methods
+# without importing torch); it is re-exported here, where callers have always found it.
+from subtune.core.registry import (  # noqa: E402,F401
+    _REGISTRY, available_methods, config_from_dict, get_method, register_method, registered_methods,
+)

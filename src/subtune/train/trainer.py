@@ -20,10 +20,15 @@ from subtune.core.errors import CheckpointError, DataError, TrainingDivergedErro
 from subtune.data.loaders import (CausalCollator, ChoiceCollator, encode_choice_record, encode_prompt,
                                   encode_record)
 from subtune.train import runs
+from subtune.train.options import LR_SCHEDULERS, METRIC_SCHEDULERS, REPORT_TO
 
 CLI_FLAGS = {"max_steps": "--max-steps", "epochs": "--epochs", "learning_rate": "--lr", "batch_size": "--batch-size",
              "grad_accum": "--grad-accum", "save_steps": "--save-steps", "max_length": "--max-length",
-             "logging_steps": "logging_steps", "warmup": "warmup"}
+             "logging_steps": "--logging-steps", "warmup": "--warmup-steps/--warmup-ratio",
+             "weight_decay": "--weight-decay", "lr_scheduler": "--lr-scheduler", "report_to": "--report-to",
+             "max_grad_norm": "--max-grad-norm", "eval_steps": "--eval-steps", "eval_records": "--eval-data",
+             "early_stopping_patience": "--early-stopping-patience"}
+
 
 
 DEFAULT_MAX_LENGTH = 256
@@ -67,11 +72,55 @@ def check_training_args(names: dict[str, str] | None = None, **values) -> None:
         "logging_steps": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a number of steps > 0"),
         "warmup": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0 (a fraction of "
                    "the steps below 1, else steps)"),
+        "weight_decay": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0 (0: none)"),
+        "max_grad_norm": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite norm >= 0 (0: no "
+                          "clipping)"),
+        "lr_scheduler": (lambda v: v in LR_SCHEDULERS, f"one of {list(LR_SCHEDULERS)}"),
+        "report_to": (lambda v: v in REPORT_TO, f"one of {list(REPORT_TO)}"),
+        "eval_steps": (lambda v: v is None or (_is_int(v) and v >= 1), "a whole number of steps >= 1"),
+        "early_stopping_patience": (lambda v: v is None or (_is_int(v) and v >= 1), "a whole number of evaluations "
+                                    ">= 1"),
     }
     for key, value in values.items():
         if key in checks and not checks[key][0](value):
             wanted = checks[key][1].format(epochs=name("epochs", "epochs"))
             raise ConfigError(f"{name(key, key)} {value!r} cannot work; give {wanted}")
+    if values.get("report_to") in REPORT_TO:
+        check_reporter_installed(values["report_to"], name("report_to", "report_to"))
+    check_eval_plan(names, **{k: values[k] for k in ("eval_records", "eval_steps", "early_stopping_patience",
+                                                     "lr_scheduler", "save_steps") if k in values})
+
+
+def check_reporter_installed(report_to: str, flag: str = "report_to") -> None:
+    """The Trainer's logger integration needs its package; refuse now rather than when training starts."""
+    import importlib.util
+
+    packages = REPORT_TO[report_to]
+    if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+        raise ConfigError(f"{flag} {report_to}: the {packages[0]} package is not installed; install it "
+                          f"(pip install {packages[0]}) or use {flag} none")
+
+
+def check_eval_plan(names: dict[str, str] | None = None, *, eval_records=None, eval_steps: int | None = None,
+                    early_stopping_patience: int | None = None, lr_scheduler: str = "linear",
+                    save_steps: float = 500) -> None:
+    """What needs an eval set has one, and early stopping's best checkpoint lines up with the saves."""
+    name = (names or {}).get
+    data = name("eval_records", "eval_records")
+    needs = [(name(k, k), v) for k, v in (("early_stopping_patience", early_stopping_patience),
+                                          ("eval_steps", eval_steps)) if v is not None]
+    if lr_scheduler in METRIC_SCHEDULERS:
+        needs.append((f"{name('lr_scheduler', 'lr_scheduler')} {lr_scheduler}", None))
+    if eval_records is None and needs:
+        raise ConfigError(f"{needs[0][0]} needs an eval set (it works on eval_loss); give {data} (held-out records) "
+                          f"or drop {needs[0][0].split()[0]}")
+    if eval_records is not None and not eval_records:
+        raise ConfigError(f"{data} holds no records; give at least one held-out {{instruction, input, output}} record")
+    if early_stopping_patience is not None and eval_steps is not None and _is_number(save_steps) \
+            and save_steps >= 1 and save_steps % eval_steps:
+        raise ConfigError(f"early stopping restores the best checkpoint, so {name('save_steps', 'save_steps')} "
+                          f"({save_steps:g}) must be a multiple of {name('eval_steps', 'eval_steps')} ({eval_steps}); "
+                          f"e.g. {name('save_steps', 'save_steps')} {eval_steps}")
 
 
 def check_answers_fit(tokenizer, records: list[dict], max_length: int, train_on_inputs: bool = False,
@@ -240,15 +289,30 @@ def subtune_trainer_class(base: type) -> type:
 
 def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str | Path, *, max_steps: int = -1,
                   epochs: float = 1.0, learning_rate: float = 2e-4, batch_size: int = 16, grad_accum: int = 1,
-                  warmup: float = 0.03, bf16: bool = False, seed: int = 0, logging_steps: int = 10,
+                  warmup: float = 0.03, lr_scheduler: str = "linear", weight_decay: float = 0.0,
+                  max_grad_norm: float = 1.0, bf16: bool = False, seed: int = 0, logging_steps: int = 10,
                   save_steps: int = 500, max_length: int = DEFAULT_MAX_LENGTH, train_on_inputs: bool = False,
+                  eval_records: list[dict] | None = None, eval_steps: int | None = None,
+                  early_stopping_patience: int | None = None, report_to: str = "none",
                   gradient_checkpointing: bool = False, progress: bool = True, **extra_args):
-    """An HF Trainer (the method's class, with SubtuneTrainerMixin) over LLM-Adapters records, ready for `.train()`."""
+    """An HF Trainer (the method's class, with SubtuneTrainerMixin) over LLM-Adapters records, ready for `.train()`.
+
+    `warmup` is steps (>= 1) or a fraction of the run (< 1), as TrainingArguments' warmup_steps. `eval_records`
+    gives an eval_loss every `eval_steps` (default: every `logging_steps`; with early stopping, every `save_steps`);
+    `early_stopping_patience` stops after that many evaluations without a better eval_loss and restores the best
+    checkpoint's trained tensors (the adapter saved afterwards is that checkpoint's)."""
     check_training_args(max_steps=max_steps, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                         grad_accum=grad_accum, save_steps=save_steps, max_length=max_length,
-                        logging_steps=logging_steps, warmup=warmup)
+                        logging_steps=logging_steps, warmup=warmup, lr_scheduler=lr_scheduler,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm, report_to=report_to,
+                        eval_records=eval_records, eval_steps=eval_steps,
+                        early_stopping_patience=early_stopping_patience)
     state = state_of(model)
-    if state.method.objective(state.config) == "choice":
+    choice = state.method.objective(state.config) == "choice"
+    if choice and eval_records is not None:
+        raise ConfigError(f"{state.method.id}: an eval set measures eval_loss with the LM objective, and this run "
+                          "trains the choice objective; drop the eval set (or train with objective 'lm')")
+    if choice:
         dataset = [encode_choice_record(tokenizer, r, max_length) for r in train_records]
         collator = ChoiceCollator(tokenizer.pad_token_id)
     else:
@@ -260,12 +324,35 @@ def build_trainer(model, tokenizer, train_records: list[dict], output_dir: str |
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, warmup_steps=warmup,
-        lr_scheduler_type="linear", weight_decay=0.0, bf16=bf16, seed=seed, logging_steps=logging_steps,
-        save_steps=save_steps, save_total_limit=2, report_to="none", remove_unused_columns=False,
-        disable_tqdm=not progress, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-        **({"gradient_checkpointing": True} if gradient_checkpointing else {}), **extra_args,
+        lr_scheduler_type=lr_scheduler, weight_decay=weight_decay, max_grad_norm=max_grad_norm, bf16=bf16,
+        seed=seed, logging_steps=logging_steps, save_steps=save_steps, save_total_limit=2, report_to=report_to,
+        remove_unused_columns=False, disable_tqdm=not progress, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **({"gradient_checkpointing": True} if gradient_checkpointing else {}),
+        **_eval_args(eval_records, eval_steps, early_stopping_patience, batch_size, logging_steps, save_steps),
+        **extra_args,
     )
+    eval_dataset = None if eval_records is None else [encode_record(tokenizer, r, max_length) for r in eval_records]
     trainer_cls = subtune_trainer_class(state.method.trainer_class())
     # the guard runs last in each step's callbacks: it checks the values the method's own callbacks leave
     callbacks = [ThroughputCallback(), *state.method.callbacks(model, state), FiniteGuardCallback(model)]
-    return trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    if early_stopping_patience is not None:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    return trainer_cls(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                       data_collator=collator, callbacks=callbacks)
+
+
+def _eval_args(eval_records, eval_steps, early_stopping_patience, batch_size, logging_steps, save_steps) -> dict:
+    """TrainingArguments for evaluating on eval_loss during training (none without an eval set). Early stopping
+    keeps the best checkpoint (by eval_loss) and restores it at the end: it needs saves at evaluation steps."""
+    if eval_records is None:
+        return {}
+    stopping = early_stopping_patience is not None
+    steps = eval_steps if eval_steps is not None else save_steps if stopping else logging_steps
+    out = {"eval_strategy": "steps", "eval_steps": steps, "per_device_eval_batch_size": batch_size,
+           "prediction_loss_only": True}  # eval_loss only: no logits kept for the whole eval set
+    if stopping:
+        out.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    return out

@@ -25,13 +25,15 @@ def fuse(deltas: Sequence[Delta], weights: Sequence[float] | None = None) -> Del
     return total
 
 
-def lora_factors(deltas: Mapping[str, Delta], max_rank: int, fallback: str = "error"
+def lora_factors(deltas: Mapping[str, Delta], max_rank: int, fallback: str = "error",
+                 option_names: Mapping[str, str] | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """{module path: (A, B)} with B @ A each module's update (scale folded into B), for a PEFT LoRA at scale 1.
 
     Every module's exact rank is checked before any factor is built, so an over-cap adapter fails at once with the
     largest offender named (fallback="error"), or gets SVD factors for the over-cap modules (fallback="svd"; their
-    relative errors are in info["svd_errors"]).
+    relative errors are in info["svd_errors"]). `option_names` spells the fixes as the caller's user knows them
+    (keys "max_rank", "merged", "fallback_svd"; the CLI: its flags).
     """
     if not deltas:
         raise ExportError("nothing to export: no module has a trained update")
@@ -43,10 +45,12 @@ def lora_factors(deltas: Mapping[str, Delta], max_rank: int, fallback: str = "er
     too_big = {name: r for name, r in needed.items() if r > max_rank}
     if too_big and fallback == "error":
         worst = max(too_big.items(), key=lambda kv: kv[1])
+        names = {"max_rank": "max_rank", "merged": "subtune.merge()", "fallback_svd": "fallback='svd'",
+                 **(option_names or {})}
         raise ExportError(
             f"{len(too_big)} module(s) need a LoRA rank above max_rank={max_rank} (largest: {worst[0]} rank "
-            f"{worst[1]}); raise max_rank (vLLM accepts at most 512), train a smaller budget, export a merged "
-            "model with subtune.merge(), or pass fallback='svd' for an approximate export")
+            f"{worst[1]}); raise {names['max_rank']} (vLLM accepts at most 512), train a smaller budget, export a "
+            f"merged model with {names['merged']}, or pass {names['fallback_svd']} for an approximate export")
     factors, ranks, svd_errors = {}, {}, {}
     for name, delta in deltas.items():
         a, b, scale, info = delta.to_lora(max_rank, fallback, name=name)

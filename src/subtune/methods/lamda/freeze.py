@@ -1,4 +1,5 @@
-"""Gradual freezing of LaMDA's B (PMB): the schedule as a plain-loop helper and as an HF TrainerCallback."""
+"""Gradual freezing of LaMDA's B (PMB): the schedule as a plain-loop helper (its HF TrainerCallback is in
+callback.py, so importing the method loads no transformers)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from subtune.ops.lowdim import LowDimLinear
 
@@ -97,20 +97,3 @@ class PMBFreezer:
 
     def all_frozen(self) -> bool:
         return all(not layer.lora_B.requires_grad for layer in self.layers)
-
-
-class PMBFreezeCallback(TrainerCallback):
-    """Runs PMBFreezer after each optimizer step of an (unmodified) HF Trainer."""
-
-    def __init__(self, model: nn.Module, config):
-        self.model, self.config, self.freezer = model, config, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.freezer = PMBFreezer(self.model, state.max_steps, self.config.freeze_fraction, self.config.freeze_steps,
-                                  self.config.freeze_order)
-        # resuming: replay the schedule up to the restored step (columns freeze at their current values)
-        if state.global_step:
-            self.freezer.after_step(kwargs.get("optimizer"), state.global_step)
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.freezer.after_step(optimizer, state.global_step)

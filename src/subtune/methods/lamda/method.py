@@ -7,10 +7,10 @@ from torch import nn
 
 from subtune.core.config import LORA_TARGETS, check_rank_fits
 from subtune.core.deltas import Delta
-from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.surgery import find_targets, replace_module
+from subtune.core.method import LayerMethod, Selection, per_layer_summary, register_method
+from subtune.core.surgery import decoder_layers, find_targets, replace_module
 from subtune.methods.lamda.config import LaMDAConfig, LaMDAPlusConfig
-from subtune.methods.lamda.freeze import PMBFreezeCallback, frozen_columns, set_frozen_columns
+from subtune.methods.lamda.freeze import frozen_columns, set_frozen_columns
 from subtune.methods.lamda.select import init_factors, ranks_for
 from subtune.ops.lowdim import LowDimLinear
 
@@ -20,7 +20,8 @@ RESIDUAL_INITS = ("svd_identity_residual", "svd_sigma_residual")  # attach moves
 class LaMDAMethod(LayerMethod):
     layer_class = LowDimLinear
 
-    default_lr = 1e-3  # S sits between orthonormal projections, so LoRA's lr does not carry over; sweep 1e-4..1e-3
+    default_lr = 3e-2  # docs/DEFAULTS.md sweep on the embedded model (LaMDA and LaMDA++ share it): S sits between
+    # orthonormal projections, scaled by lora_alpha / r, so LoRA's lr does not carry over (paper: sweep 1e-4..1e-3)
 
     def __init__(self, method_id: str, config_class: type[LaMDAConfig], paper: str, demo: dict):
         self.id, self.config_class, self.paper, self.demo = method_id, config_class, paper, demo
@@ -50,6 +51,15 @@ class LaMDAMethod(LayerMethod):
         if isinstance(config, LaMDAPlusConfig):
             info["rank_budget"] = config.r * len(targets)
         return Selection(tensors, info)
+
+    def selection_summary(self, model, state) -> str:
+        """The rank of each target matrix: one number for plain LaMDA, LaMDA++'s allocation per layer."""
+        ranks = state.selection.info["ranks"]
+        if len(set(ranks.values())) == 1:
+            return f"{self.id}: rank {next(iter(ranks.values()))} in each of the {len(ranks)} target matrices"
+        budget = state.selection.info.get("rank_budget", sum(ranks.values()))
+        return (f"{self.id} ranks (sum {sum(ranks.values())} of budget {budget}, {min(ranks.values())}.."
+                f"{max(ranks.values())}); per layer: {per_layer_summary(ranks, len(decoder_layers(model)))}")
 
     def attach(self, model: nn.Module, config: LaMDAConfig, selection: Selection) -> None:
         ranks = selection.info["ranks"]
@@ -84,6 +94,8 @@ class LaMDAMethod(LayerMethod):
             layer.lora_B.requires_grad_(False)
 
     def callbacks(self, model: nn.Module, state) -> list:
+        from subtune.methods.lamda.callback import PMBFreezeCallback  # transformers: only when training
+
         return [PMBFreezeCallback(model, state.config)]
 
     def deltas(self, model: nn.Module, state) -> dict[str, Delta]:

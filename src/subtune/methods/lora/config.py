@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import peft
+from typing import TYPE_CHECKING
 
 from subtune.core.config import LORA_TARGETS, ConfigError, MethodConfig
+
+if TYPE_CHECKING:  # peft loads when a LoRA is built, not when the config is imported
+    import peft
 
 
 @dataclass
@@ -29,6 +31,8 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"{self.method}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def to_peft(self) -> peft.LoraConfig:
+        import peft
+
         return peft.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                                target_modules=list(self.target_modules), use_dora=self.method == "dora",
                                bias="none", task_type="CAUSAL_LM")

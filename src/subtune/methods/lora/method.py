@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import peft
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from subtune.core.config import check_rank_fits
@@ -13,6 +11,9 @@ from subtune.core.errors import AdapterLoadError, SubtuneError
 from subtune.core.method import Method, Selection, register_method
 from subtune.core.surgery import find_targets, replace_module
 from subtune.methods.lora.config import DoraConfig, LoraConfig  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # peft (and the bitsandbytes it imports) loads when LoRA is used, not at import
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER = "default"
 
@@ -26,6 +27,8 @@ def _lora_params_per_rank(model_config, targets: list[str]) -> int:
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
@@ -51,6 +54,7 @@ class PeftLoraMethod(Method):
     config_class = LoraConfig
 
     demo = {"lr": 5e-3}
+    default_lr = 1e-2  # docs/DEFAULTS.md sweep (LoRA and DoRA share it); 3e-2 diverges on the embedded model
 
     def __init__(self, method_id: str, config_class: type[LoraConfig], paper: str,
                  bench_reference: str | None = None):
@@ -60,6 +64,8 @@ class PeftLoraMethod(Method):
     def attach(self, model: nn.Module, config: LoraConfig, selection: Selection) -> None:
         targets = find_targets(model, config.target_modules)  # our clear error before PEFT's
         check_rank_fits(self.id, config.r, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+        import peft
+
         peft.inject_adapter_in_model(config.to_peft(), model, adapter_name=ADAPTER)
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -90,12 +96,16 @@ class PeftLoraMethod(Method):
         """DoRA: PEFT's tensors (A, B, magnitudes), which its dense deltas cannot give back. LoRA: none."""
         if not any(_is_dora(layer) for layer in _lora_layers(model).values()):
             return {}
+        import peft
+
         return dict(peft.get_peft_model_state_dict(model, adapter_name=ADAPTER))
 
     @torch.no_grad()
     def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
                 training_state: Mapping[str, torch.Tensor]) -> None:
         if training_state:  # DoRA
+            import peft
+
             result = peft.set_peft_model_state_dict(model, dict(training_state), adapter_name=ADAPTER)
             missing = [k for k in result.missing_keys if "lora_" in k]
             if missing or result.unexpected_keys:

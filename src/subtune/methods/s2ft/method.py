@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from subtune.core.method import LayerMethod, Selection, register_method
+from subtune.core.method import LayerMethod, Selection, per_layer_summary, register_method
 from subtune.core.surgery import decoder_layers, wrap_linear
 from subtune.methods.s2ft.config import S2FTConfig
 from subtune.methods.s2ft.select import components, is_gqa, select_units
@@ -21,6 +21,7 @@ class S2FTMethod(LayerMethod):
     layer_class = SlicedDeltaLinear
     paper = "S²FT (Yang et al., NeurIPS 2024, arXiv 2412.06289)"
     demo = {"lr": 2e-2, "config": {"o_ratio": 0.25, "v_ratio": 0.5, "d_ratio": 0.1, "u_ratio": 0.1}}
+    default_lr = 3e-2  # docs/DEFAULTS.md sweep: few trained columns take a large lr (2e-4 left the loss where it was)
 
     def calibration_batches(self, config: S2FTConfig) -> int:
         return 0 if config.strategy in ("random", "weight") else config.calibration_batches
@@ -35,6 +36,13 @@ class S2FTMethod(LayerMethod):
             info["units"][comp_name] = sum(len(u) for u in per_layer)
         info["ratios"] = config.resolved_ratios(is_gqa(model))
         return Selection(tensors, info)
+
+    def selection_summary(self, model, state) -> str:
+        """Units per decoder layer: query heads for o_proj, KV heads for v_proj, FFN channels for down/up_proj."""
+        counts = {key: len(units) for key, units in state.selection.tensors.items()}
+        total = ", ".join(f"{n} {comp}" for comp, n in state.selection.info["units"].items() if n)
+        return (f"s2ft selected {total} units (o_proj: query heads, v_proj: KV heads, down/up_proj: channels); per "
+                f"layer: {per_layer_summary(counts, len(decoder_layers(model)))}")
 
     def config_for_budget(self, model_config, trainable: int) -> S2FTConfig:
         """The paper's split at a given budget: MHA -> half to O heads, half to Down channels; GQA -> Down only."""

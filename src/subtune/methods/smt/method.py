@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from subtune.core.deltas import Delta
-from subtune.core.method import LayerMethod, Selection, register_method
-from subtune.core.surgery import wrap_linear
+from subtune.core.method import LayerMethod, Selection, per_layer_summary, register_method
+from subtune.core.surgery import decoder_layers, wrap_linear
 from subtune.methods.smt.config import SMTConfig
 from subtune.methods.smt.select import select_blocks, total_blocks
 from subtune.ops.block_sparse import BlockDeltaLinear
@@ -31,7 +31,15 @@ class SMTMethod(LayerMethod):
     layer_class = BlockDeltaLinear
     paper = "SMT (He et al., ICLR 2025, arXiv 2405.15525)"
     demo = {"lr": 1e-2, "config": {"block_size": 32, "ratio": 0.05, "warmup_steps": 8}}
-    default_lr = 1e-4  # the official repository's PEFT script; its code comment's 9.65e-6 reproduces the paper runs
+    default_lr = 1e-2  # docs/DEFAULTS.md sweep on the embedded model (1e-1 diverges); the official repository's
+    # PEFT script uses 1e-4 on LLaMA-7B (its code comment's 9.65e-6 reproduces the paper runs)
+
+    def trainable_values(self, model: nn.Module, state) -> int:
+        """The real entries of the selected blocks: an edge block of a matrix whose sides are not multiples of b
+        stores b×b values but only its in-matrix part reaches the output (e.g. 64×256 of a 256×256 block)."""
+        padded = sum(layer.delta.numel() - layer.trainable_values() for layer in self.layers(model).values()
+                     if layer.delta.requires_grad)
+        return super().trainable_values(model, state) - padded
 
     def calibration_batches(self, config: SMTConfig) -> int:
         return config.warmup_steps
@@ -54,6 +62,14 @@ class SMTMethod(LayerMethod):
                 "total_blocks_in_model": total_blocks(model, config.block_size),
                 "warmup_mode": "updates" if config.warmup_updates else "gradient_only"}
         return Selection(tensors, info)
+
+    def selection_summary(self, model, state) -> str:
+        """Blocks per matrix, one list per projection over the decoder layers."""
+        blocks = state.selection.info["blocks"]
+        b = state.config.block_size
+        return (f"smt selected {sum(blocks.values())} of {state.selection.info['total_blocks_in_model']} {b}x{b} "
+                f"blocks in {sum(1 for n in blocks.values() if n)} matrices; per layer: "
+                f"{per_layer_summary(blocks, len(decoder_layers(model)))}")
 
     def attach(self, model: nn.Module, config: SMTConfig, selection: Selection) -> None:
         for key, rc in selection.tensors.items():
