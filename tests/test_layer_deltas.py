@@ -186,14 +186,14 @@ def test_unloaded_is_a_plain_linear_computing_the_layer(kind):
         torch.testing.assert_close(plain(x), expected, atol=1e-6, rtol=0)
 
 
-def test_a_layer_without_as_delta_says_so():
+def test_a_layer_without_as_delta_cannot_be_built():
     class Bare(WrappedLinear):
         def __init__(self):
             super().__init__()
             self.base_layer = base()
 
-    with pytest.raises(NotImplementedError, match="Bare must define as_delta"):
-        Bare().merge()
+    with pytest.raises(TypeError, match="abstract.*as_delta"):
+        Bare()
 
 
 def test_the_dense_and_sparse_layer_keeps_its_own_merge():
@@ -213,6 +213,31 @@ def test_the_dense_and_sparse_layer_keeps_its_own_merge():
         assert not layer.merged
         assert torch.equal(layer(x), expected)
         torch.testing.assert_close(layer.unloaded()(x), expected, atol=1e-6, rtol=0)
+
+
+def test_the_dense_and_sparse_layer_states_its_update_against_the_plain_base():
+    """as_delta = values - the plain base's entries at the positions (not the zeros D holds there), and a model
+    cast to bf16 afterwards still measures from the fp32 originals; restore_delta is its inverse."""
+    from subtune.ops.sparse import DenseAndSparseLinear
+
+    plain = base()
+    flat = torch.tensor([0, 40, 77, 850])
+    layer = DenseAndSparseLinear(plain, flat, quantize="none")
+    assert torch.equal(layer.as_delta().to_dense(torch.float64), torch.zeros(OUT, IN, dtype=torch.float64))
+    moved = rand(4, seed=5, scale=0.1)
+    with torch.no_grad():
+        layer.values.add_(moved)
+    expected = torch.zeros(OUT * IN, dtype=torch.float64)
+    expected[flat] = (layer.values.detach().double() - plain.weight.detach().reshape(-1)[flat].double())
+    torch.testing.assert_close(layer.as_delta().to_dense(torch.float64), expected.view(OUT, IN), atol=0, rtol=0)
+    record = layer.as_delta()
+    trained = layer.values.detach().clone()
+    layer.to(torch.bfloat16)  # the originals are a plain attribute: not rounded by the cast
+    assert layer.original_values.dtype == torch.float32
+    with torch.no_grad():
+        layer.values.zero_()
+    layer.restore_delta(record)
+    assert torch.equal(layer.values.detach().float(), trained.to(layer.values.dtype).float())
 
 
 # ------------------------------------------------------------------------------------------- whole bf16 models

@@ -8,6 +8,8 @@ here are the same for S²FT, SMT and LaMDA layers.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 from torch import nn
 
@@ -20,9 +22,9 @@ def master_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(base_dtype, torch.float32)
 
 
-class WrappedLinear(nn.Module):
-    """Base for method layers. Subclasses set `self.base_layer`, define `as_delta()` and make their forward return
-    `self.base_layer(x)` alone while `self.merged` (the update is then inside the weight).
+class WrappedLinear(nn.Module, metaclass=ABCMeta):
+    """Base for method layers. Subclasses set `self.base_layer`, define `as_delta()` (abstract) and make their
+    forward return `self.base_layer(x)` alone while `self.merged` (the update is then inside the weight).
 
     The layer keeps only what `unmerge()` needs: the original weight entries `merge_into` returned (a slice, the
     touched blocks' entries, or the whole weight for a low-rank update). Layers that merge another way (the
@@ -44,13 +46,13 @@ class WrappedLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # for code that inspects `.weight` (dtype, device, shape)
         return self.base_layer.weight
 
+    @abstractmethod
     def as_delta(self) -> Delta:
         """The trained update in the base weight's (out, in) coordinates, detached (no autograd).
 
         It may share storage with the live parameters: clone it if the layer keeps training and you keep the record.
         (Named `as_delta`, not `delta`, because the sliced and block layers' trainable parameter is `delta`.)
         """
-        raise NotImplementedError(f"{type(self).__name__} must define as_delta() to state its update")
 
     @property
     def merged(self) -> bool:

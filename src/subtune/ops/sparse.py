@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from subtune.core.config import ConfigError
+from subtune.core.deltas import Delta
 from subtune.core.errors import SelectionError
 from subtune.ops.base import WrappedLinear
 
@@ -96,6 +97,9 @@ class DenseAndSparseLinear(WrappedLinear):
         self.register_buffer("cols", flat_index % in_f, persistent=False)
         weight = base_layer.weight.detach()
         self.values = nn.Parameter(weight.reshape(-1)[flat_index].float().clone())
+        # the plain base's entries at the positions, before any training: what the update is measured from. A plain
+        # attribute (not a buffer), so a later cast of the model to bf16 cannot round it
+        self.original_values = self.values.detach().clone()
         dense = weight.clone()
         dense.view(-1)[flat_index] = 0
         if quantize == "nf4":
@@ -131,6 +135,21 @@ class DenseAndSparseLinear(WrappedLinear):
         y = self.dense(x)
         contrib = x.index_select(-1, self.cols) * self.values.to(x.dtype)
         return y.index_add(-1, self.rows, contrib.to(y.dtype))
+
+    def as_delta(self) -> Delta:
+        """sparse(positions, values − the plain base's entries there), in float64 so that original + delta gives the
+        trained fp32 values back exactly. On a 4-bit base this is the update against the full-precision base
+        (docs/FORMAT.md): the NF4 rounding of the other weights is not part of it."""
+        values = self.values.detach()
+        original = self.original_values.to(values.device)
+        return Delta.sparse(self.rows * self.in_features + self.cols, values.double() - original.double(),
+                            (self.out_features, self.in_features))
+
+    @torch.no_grad()
+    def restore_delta(self, delta: Delta) -> None:
+        """Set the values to original + `delta.values` (the inverse of `as_delta`; same positions assumed)."""
+        original = self.original_values.to(self.values.device, torch.float64)
+        self.values.copy_(original + delta.values.to(original.device, torch.float64))
 
     def effective_weight(self) -> torch.Tensor:
         """dequant(D) + S as a dense (out, in) matrix in the dense part's compute dtype (what its forward uses)."""

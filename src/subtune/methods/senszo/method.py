@@ -14,10 +14,6 @@ from subtune.methods.senszo.config import MeZOConfig, SensZOConfig
 from subtune.methods.senszo.mask import compute_mask, index_problem
 from subtune.ops.sparse import DenseAndSparseLinear
 
-ORIGINAL_ATTR = "original_values"  # on each DenseAndSparseLinear: the base's entries at its positions (fp32; a
-# plain attribute, so a later cast of the model to bf16 cannot round it)
-
-
 class ZerothOrderMixin:
     """The members a zeroth-order method declares (core/method.py): trained by SPSA steps (train/zo.py, which the
     trainer and the benchmark share), with the objective its ZO config names."""
@@ -64,30 +60,15 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
             wrap_linear(model, name, lambda base, index=index: DenseAndSparseLinear(base, index, config.quantize))
         for layer in self.layers(model).values():
             layer.values.requires_grad_(True)  # an ordinary Parameter for the Trainer; ZO never calls backward
-            # the plain base's entries at the sparse positions, taken before training (the dense part D holds
-            # zeros there, also when 4-bit): what the deltas are measured from
-            vars(layer)[ORIGINAL_ATTR] = layer.values.detach().clone()
-
-    def deltas(self, model: nn.Module, state) -> dict[str, Delta]:
-        """sparse(positions, values − the plain base's entries there), in float64 so that original + delta gives
-        the trained fp32 values back exactly. For a 4-bit base this is the update against the full-precision base
-        (docs/FORMAT.md): the NF4 rounding of the other weights is not part of it."""
-        out = {}
-        for name, layer in self.layers(model).items():
-            values = layer.values.detach()
-            original = vars(layer)[ORIGINAL_ATTR].to(values.device)
-            out[name] = Delta.sparse(layer.rows * layer.in_features + layer.cols, values.double() - original.double(),
-                                     (layer.out_features, layer.in_features))
-        return out
 
     @torch.no_grad()
     def restore(self, model: nn.Module, state, deltas: Mapping[str, Delta],
                 training_state: Mapping[str, torch.Tensor]) -> None:
-        live = self.deltas(model, state)
+        """The layers' deltas are measured from the base's entries (`DenseAndSparseLinear.as_delta`), so restoring
+        adds the saved delta to them rather than copying it into storage."""
         for name, layer in self.layers(model).items():
-            check_same_support(self.id, name, live[name], deltas[name])
-            original = vars(layer)[ORIGINAL_ATTR].to(layer.values.device, torch.float64)
-            layer.values.copy_(original + deltas[name].values.to(original.device, torch.float64))
+            check_same_support(self.id, name, layer.as_delta(), deltas[name])
+            layer.restore_delta(deltas[name])
 
     def zo_tensors(self, model: nn.Module, state) -> list[torch.Tensor]:
         return [layer.values for layer in self.layers(model).values()]
