@@ -11,7 +11,7 @@ from conftest import CharTokenizer, make_tiny
 import subtune
 from subtune.core.config import ConfigError
 from subtune.data.loaders import ChoiceCollator, encode_choice_record, encode_record, load_records
-from subtune.eval.choice import ranking_accuracy, ranking_picks
+from subtune.eval.choice import ranking_accuracy, ranking_metrics, ranking_picks
 from subtune.eval.evaluate import evaluate, report
 from subtune.ops.sparse import DenseAndSparseLinear
 from subtune.ops.zo import replay
@@ -108,6 +108,8 @@ def test_choice_loss_is_cross_entropy_of_the_ranking_scores():
         groups = grouped(candidate_scores(model, batch), batch["choice_counts"].tolist())
         expected = sum(-torch.log_softmax(g, 0)[int(gold)] for g, gold in zip(groups, batch["gold"])) / 3
         assert torch.allclose(choice_loss(model, batch), expected, atol=1e-6)
+    # the dev loss best-dev selection reads is this same objective
+    assert ranking_metrics(model, tok, records)[1] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_a_zo_run_restores_its_best_dev_values_and_records_the_choice_objective(tmp_path):
@@ -126,15 +128,17 @@ def test_a_zo_run_restores_its_best_dev_values_and_records_the_choice_objective(
     assert saved["config"]["objective"] == "choice"
     best = trainer.best_dev
     assert [p["step"] for p in best.curve] == list(range(7))
-    accuracies = [p["dev_ranking_accuracy"] for p in best.curve]
-    assert best.best == (max(accuracies), accuracies.index(max(accuracies)))
+    losses = [p["dev_choice_loss"] for p in best.curve]
+    assert best.best is best.curve[losses.index(min(losses))]  # the lowest dev loss, the earliest on ties
     dev = records[-8:]
-    assert ranking_accuracy(model, tok, dev) == best.best[0]  # the restored values are the best ones
+    accuracy, loss = ranking_metrics(model, tok, dev)  # the restored values are the best ones
+    assert accuracy == best.best["dev_ranking_accuracy"] and loss == pytest.approx(best.best["dev_choice_loss"],
+                                                                                    abs=1e-6)
     fresh = subtune.prepare(make_tiny(0), config)
     state = fresh.subtune_state
     values = [v.detach().clone() for v in state.method.zo_tensors(fresh, state)]
     history = json.loads((tmp_path / "run" / "checkpoint-6" / "zo_history.json").read_text())
-    replay(values, history[:best.best[1]], lambda step: history[step]["lr"])
+    replay(values, history[:best.best["step"]], lambda step: history[step]["lr"])
     for a, b in zip(values, state.method.zo_tensors(model, model.subtune_state)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 

@@ -34,8 +34,9 @@ def has_choices(record: dict) -> bool:
 
 
 @torch.no_grad()
-def ranking_picks(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int = 256) -> list[int]:
-    """The index of the highest-scoring choice for each record (eval mode; the mode is restored)."""
+def ranking_groups(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int = 256
+                   ) -> list[torch.Tensor]:
+    """Each record's candidate scores, one fp32 tensor per record (eval mode; the mode is restored)."""
     from subtune.data.loaders import ChoiceCollator, encode_choice_record
 
     bad = next((i for i, r in enumerate(records) if not has_choices(r)), None)
@@ -46,17 +47,31 @@ def ranking_picks(model, tokenizer, records: list[dict], batch_size: int = 8, ma
     model.eval()
     device = next(model.parameters()).device
     collate = ChoiceCollator(tokenizer.pad_token_id)
-    picks = []
+    groups: list[torch.Tensor] = []
     for start in range(0, len(records), batch_size):
         batch = collate([encode_choice_record(tokenizer, r, max_length) for r in records[start:start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores = candidate_scores(model, batch)
-        picks += [int(group.argmax()) for group in grouped(scores, batch["choice_counts"].tolist())]
+        groups += [g.cpu() for g in grouped(candidate_scores(model, batch), batch["choice_counts"].tolist())]
     model.train(was_training)
-    return picks
+    return groups
+
+
+def ranking_picks(model, tokenizer, records: list[dict], batch_size: int = 8, max_length: int = 256) -> list[int]:
+    """The index of the highest-scoring choice for each record."""
+    return [int(g.argmax()) for g in ranking_groups(model, tokenizer, records, batch_size, max_length)]
 
 
 def ranking_accuracy(model, tokenizer, records: list[dict], batch_size: int = 8) -> float:
     """Share of records whose gold answer scores highest among its choices."""
     picks = ranking_picks(model, tokenizer, records, batch_size)
     return sum(r["choices"][p] == r["answer"] for r, p in zip(records, picks)) / len(records)
+
+
+def ranking_metrics(model, tokenizer, records: list[dict], batch_size: int = 8) -> tuple[float, float]:
+    """(candidate-ranking accuracy, choice loss) in one pass: the loss is the choice objective on these records,
+    the mean cross-entropy of the gold candidate over each record's scores (what a ZO run trains)."""
+    groups = ranking_groups(model, tokenizer, records, batch_size)
+    gold = [r["choices"].index(r["answer"]) for r in records]
+    accuracy = sum(int(g.argmax()) == i for g, i in zip(groups, gold)) / len(records)
+    loss = sum(float(-torch.log_softmax(g, 0)[i]) for g, i in zip(groups, gold)) / len(records)
+    return accuracy, loss

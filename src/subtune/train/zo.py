@@ -21,7 +21,7 @@ from subtune.core import distributed
 from subtune.core.api import state_of
 from subtune.core.config import ConfigError, MethodConfig
 from subtune.core.method import get_method
-from subtune.eval.choice import candidate_scores, grouped, has_choices, ranking_accuracy
+from subtune.eval.choice import candidate_scores, grouped, has_choices, ranking_metrics
 from subtune.ops.sparse import DenseAndSparseLinear
 from subtune.ops.zo import spsa_step
 
@@ -174,19 +174,22 @@ class DenseCacheCallback(TrainerCallback):
 
 
 class BestDevCallback(TrainerCallback):
-    """Best-dev selection for zeroth-order runs: candidate-ranking accuracy on the dev records before the first
-    step, every `every` steps and after the last; the values of the best evaluation (the earliest on ties, so
-    possibly the untouched model) are restored when training ends, before the adapter is saved.
+    """Best-dev selection for zeroth-order runs: the choice loss and candidate-ranking accuracy on the dev records
+    before the first step, every `every` steps and after the last; the values of the evaluation with the lowest dev
+    loss (the earliest on ties, so possibly the untouched model) are restored when training ends, before the adapter
+    is saved. Selecting by dev loss is the paper's (the HF Trainer's default metric, specs/senszoq.md Z6): on a few
+    dozen dev questions accuracy moves in coarse steps and ties, the loss does not.
 
     Keeps a copy of the best values of the method's ZO tensors (SensZOQ: its sparse values; MeZO: every weight, on
-    the tensors' device). `curve` holds (step, train seconds without the evaluations, accuracy) per evaluation.
+    the tensors' device). `curve` holds one point per evaluation: step, train seconds without the evaluations,
+    dev_choice_loss and dev_ranking_accuracy; `best` is the restored point.
     """
 
     def __init__(self, model, tokenizer, records: list[dict], every: int, batch_size: int = 8):
         self.model, self.tokenizer, self.records, self.every, self.batch_size = model, tokenizer, records, every, \
             batch_size
         self.curve: list[dict] = []
-        self.best: tuple[float, int] | None = None
+        self.best: dict | None = None
         self.best_values: list[torch.Tensor] = []
         self.start = 0.0
         self.eval_seconds = 0.0
@@ -197,11 +200,11 @@ class BestDevCallback(TrainerCallback):
 
     def _evaluate(self, step: int) -> None:
         begin = time.perf_counter()
-        accuracy = ranking_accuracy(self.model, self.tokenizer, self.records, self.batch_size)
+        accuracy, loss = ranking_metrics(self.model, self.tokenizer, self.records, self.batch_size)
         self.curve.append({"step": step, "seconds": round(begin - self.start - self.eval_seconds, 3),
-                           "dev_ranking_accuracy": accuracy})
-        if self.best is None or accuracy > self.best[0]:
-            self.best = (accuracy, step)
+                           "dev_choice_loss": loss, "dev_ranking_accuracy": accuracy})
+        if self.best is None or loss < self.best["dev_choice_loss"]:
+            self.best = self.curve[-1]
             self.best_values = [t.detach().clone() for t in self._tensors()]
         self.eval_seconds += time.perf_counter() - begin
 
@@ -212,8 +215,9 @@ class BestDevCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
             self._evaluate(state.global_step)
-            state.log_history.append({"step": state.global_step,
-                                      "dev_ranking_accuracy": self.curve[-1]["dev_ranking_accuracy"]})
+            point = self.curve[-1]
+            state.log_history.append({"step": state.global_step, "dev_choice_loss": point["dev_choice_loss"],
+                                      "dev_ranking_accuracy": point["dev_ranking_accuracy"]})
 
     @torch.no_grad()
     def on_train_end(self, args, state, control, **kwargs):
@@ -221,7 +225,8 @@ class BestDevCallback(TrainerCallback):
             self._evaluate(state.global_step)
         for t, best in zip(self._tensors(), self.best_values):
             t.copy_(best)
-        logger.info("best dev ranking accuracy %.4f at step %d of %d (restored)", self.best[0], self.best[1],
+        logger.info("best dev choice loss %.4f (ranking accuracy %.4f) at step %d of %d (restored)",
+                    self.best["dev_choice_loss"], self.best["dev_ranking_accuracy"], self.best["step"],
                     state.global_step)
 
 

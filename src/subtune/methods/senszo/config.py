@@ -15,9 +15,10 @@ class ZOConfig(MethodConfig):
     "lm" (next-token loss on the answer), or "auto": choice when every training record has `choices`, else lm
     (resolved against the training records before training, `subtune.train.zo.resolve_objective`; the saved config
     holds the result). With the choice objective, `dev_size` training records are held out as a dev split, its
-    candidate-ranking accuracy is measured every `eval_every` steps and the best values are restored at the end
-    (dev_size 0: off). `dense_cache`: ZO training keeps each SensZOQ layer's dense weight dequant(D) + S (no
-    dequantisation nor sparse gather per probe; costs one compute-dtype copy of each target weight).
+    choice loss and candidate-ranking accuracy are measured every `eval_every` steps and the values of the lowest
+    dev loss are restored at the end (the paper's selection; dev_size 0: off). `dense_cache`: ZO training keeps
+    each SensZOQ layer's dense weight dequant(D) + S (no dequantisation nor sparse gather per probe; costs one
+    compute-dtype copy of each target weight).
     """
 
     eps: float = 1e-3
