@@ -134,7 +134,7 @@ def test_get_claim_and_run_claim_refuse_bad_input_before_any_work(tmp_path):
 
 
 def test_every_written_claim_module_has_its_claim():
-    for name in ("s2ft", "smt", "lamda"):
+    for name in CLAIMS:
         claim = get_claim(name)
         assert claim.name == name and claim.statement and claim.paper and callable(claim.run)
     assert CLAIMS == ("s2ft", "smt", "lamda", "senszo")
@@ -146,6 +146,17 @@ def test_quick_and_smoke_settings(monkeypatch):
     assert pick_setting(False, full, quick) is full and pick_setting(True, full, quick) is quick
     monkeypatch.setenv(SMOKE_ENV, "1")
     assert pick_setting(True, full, quick) is SMOKE and pick_setting(False, full, quick) is full
+
+
+def test_senszo_lr_grid_is_extended_only_when_its_largest_lr_wins_on_dev():
+    from subtune.repro.senszo import top_edge_wins
+
+    def runs(devs):
+        return {lr: type("Run", (), {"dev": dev})() for lr, dev in devs.items()}
+
+    assert top_edge_wins(runs({1e-3: 60.0, 1e-2: 61.0, 1e-1: 70.0}))
+    assert not top_edge_wins(runs({1e-3: 60.0, 1e-2: 75.0, 1e-1: 70.0}))  # bracketed
+    assert not top_edge_wins(runs({1e-3: 63.3, 1e-2: 63.3, 1e-1: 63.3}))  # nothing moved: no reason to go higher
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -12,12 +12,13 @@ log-likelihood; `subtune.train.zo.choice_loss`) and its metric, candidate-rankin
   mask (drawn per seed) and a magnitude 0.1% mask, each on the 4-bit NF4 base (the paper's setting) and on the
   unquantised base (magnitude: NF4 only, to fit the time budget); full-parameter MeZO (unquantised: it perturbs
   every weight);
-- learning rate: a 3-point grid per arm (×10 apart), run on the first seed; the lr with the best dev accuracy (the
+- learning rate: a 3-point grid per arm (×10 apart), run on the first seed, extended by one point ×10 above when its
+  largest lr beats the others on dev loss (so the grid brackets the best); the lr with the lowest dev loss (the
   smaller on ties) is kept and the other seeds run at it; an unquantised sparse arm trains the same values as its
   NF4 twin and reuses the twin's lr;
-- every run: ZO-SGD (ε 1e-3, one direction, constant lr), batch `batch` questions, `steps` steps, dev ranking
-  accuracy every `eval_every` steps, the best-dev values restored at the end (possibly the untouched model), then
-  dev and test ranking accuracy;
+- every run: ZO-SGD (ε 1e-3, one direction, constant lr), batch `batch` questions, `steps` steps, dev choice loss
+  and ranking accuracy every `eval_every` steps, the values of the lowest dev loss restored at the end (the paper's
+  selection; possibly the untouched model), then dev and test ranking accuracy;
 - zero-shot rows: the untouched fp32 model, and the NF4 model with its sensitive values unchanged (what the NF4 arms
   start from).
 Sub-claims: sensitive > random and sensitive > magnitude (NF4 and unquantised), sensitive ≥ full MeZO (tested as
@@ -53,6 +54,7 @@ class Setting:
     grid: bool  # False: the middle lr of each grid only
     arms: tuple[str, ...]
     calibration_samples: int = 100
+    fixed_lr: tuple[tuple[str, float], ...] = ()  # (arm, lr) pairs that skip the grid (a longer re-run of a choice)
 
 
 # the most telling arms first (a run cut short still answers the main sub-claims)
@@ -67,6 +69,14 @@ SMOKE = Setting(steps=2, batch_size=2, eval_every=1, dev=8, test=8, grid=False,
 # values vs 3.7M weights), so the sparse arms take a far larger lr than full-parameter MeZO (arXiv 2406.02913 §5)
 SPARSE_GRID = (1e-3, 1e-2, 1e-1)
 MEZO_GRID = (1e-6, 1e-5, 1e-4)
+GRID_STEP = 10  # a grid whose largest lr wins on dev is extended by one point, GRID_STEP times larger
+
+
+def top_edge_wins(tried: dict[float, "Run"]) -> bool:
+    """Whether the largest lr tried beats every smaller one on dev loss (then the grid has not bracketed the best
+    lr)."""
+    top = max(tried)
+    return all(tried[top].dev_loss < run.dev_loss for lr, run in tried.items() if lr != top)
 
 
 def pick_setting(quick: bool) -> Setting:
@@ -99,6 +109,7 @@ def config_of(arm: str, seed: int, setting: Setting, mask_path: str):
 @dataclass
 class Run:
     dev: float
+    dev_loss: float
     test: float
     best_step: int
     step_s: float
@@ -125,7 +136,8 @@ def train_once(base, tokenizer, train: list[dict], test: list[dict], arm: str, s
     wall = time.perf_counter() - start
     best = trainer.best_dev
     train_seconds = best.curve[-1]["seconds"]  # without the dev evaluations
-    return Run(dev=100 * best.best[0], test=100 * ranking_accuracy(model, tokenizer, test), best_step=best.best[1],
+    return Run(dev=100 * best.best["dev_ranking_accuracy"], dev_loss=best.best["dev_choice_loss"],
+               test=100 * ranking_accuracy(model, tokenizer, test), best_step=best.best["step"],
                step_s=train_seconds / setting.steps, train_s=wall, trainable=api.trainable_summary(model).trainable,
                curve=best.curve)
 
@@ -133,15 +145,16 @@ def train_once(base, tokenizer, train: list[dict], test: list[dict], arm: str, s
 def zero_shot_rows(base, tokenizer, dev: list[dict], test: list[dict], mask_path: str) -> list[dict]:
     """The untouched fp32 model, and the NF4 model before any step (the NF4 arms' starting point)."""
     import subtune
-    from subtune.eval.choice import ranking_accuracy
+    from subtune.eval.choice import ranking_accuracy, ranking_metrics
     from subtune.methods.senszo.config import SensZOConfig
 
     nf4 = subtune.prepare(copy.deepcopy(base), SensZOConfig(mask_path=mask_path, quantize="nf4"))
     rows = []
     for label, model in (("zero-shot fp32", base), ("zero-shot NF4", nf4)):
-        rows.append({"arm": label, "seed": 0, "dev_rank": 100 * ranking_accuracy(model, tokenizer, dev),
-                     "test_rank": 100 * ranking_accuracy(model, tokenizer, test), "best_step": 0, "lr": 0.0,
-                     "step_s": None, "trainable": 0})
+        dev_accuracy, dev_loss = ranking_metrics(model, tokenizer, dev)
+        rows.append({"arm": label, "seed": 0, "dev_rank": 100 * dev_accuracy,
+                     "test_rank": 100 * ranking_accuracy(model, tokenizer, test), "dev_loss": dev_loss,
+                     "best_step": 0, "lr": 0.0, "step_s": None, "trainable": 0})
     return rows
 
 
@@ -154,10 +167,15 @@ def sensitive_mask(base, tokenizer, path: Path, samples: int) -> str:
 
 
 def run(quick: bool, seeds: list[int], progress: Callable[[str], None]) -> ClaimResult:
+    return run_setting(pick_setting(quick), seeds, progress)
+
+
+def run_setting(setting: Setting, seeds: list[int], progress: Callable[[str], None]) -> ClaimResult:
+    """Every arm of `setting` over `seeds`: its lr from the grid on the first seed (or `setting.fixed_lr`), then
+    the other seeds at that lr."""
     from subtune.data.loaders import load_records
     from subtune.zoo import load_model
 
-    setting = pick_setting(quick)
     base, tokenizer = load_model("default")
     train_all = load_records(TASK, "train")
     dev = train_all[-setting.dev:]  # what finetune's dev_split holds out (config dev_size)
@@ -175,20 +193,31 @@ def run(quick: bool, seeds: list[int], progress: Callable[[str], None]) -> Claim
             tried = {}
             # an unquantised arm trains the same values as its NF4 twin: it reuses the lr the twin chose on dev
             twin = arm.replace(DENSE_TAG, NF4_TAG)
-            for lr in (chosen[twin],) if twin in chosen and twin != arm else grid_of(arm, setting):
+            fixed = dict(setting.fixed_lr)
+            grid = list((fixed[arm],) if arm in fixed else (chosen[twin],) if twin in chosen and twin != arm
+                        else grid_of(arm, setting))
+            extendable = len(grid) > 1
+            while grid:
+                lr = grid.pop(0)
                 tried[lr] = train_once(base, tokenizer, train_all, test, arm, seeds[0], lr, setting, mask_path)
-                progress(f"{arm} lr {lr:g} seed {seeds[0]}: dev {tried[lr].dev:.1f}% (step {tried[lr].best_step}), "
-                         f"test {tried[lr].test:.1f}%, {tried[lr].step_s:.3f} s/step")
-            best_lr = chosen[arm] = max(tried, key=lambda lr: (tried[lr].dev, -lr))  # best dev; smaller lr on ties
-            grid_notes.append(f"{arm}: " + ", ".join(f"lr {lr:g} → dev {r.dev:.1f}%" for lr, r in tried.items())
-                              + (f" (chosen {best_lr:g})" if len(tried) > 1 else
+                r = tried[lr]
+                progress(f"{arm} lr {lr:g} seed {seeds[0]}: dev loss {r.dev_loss:.4f}, dev {r.dev:.1f}% "
+                         f"(step {r.best_step}), test {r.test:.1f}%, {r.step_s:.3f} s/step")
+                if not grid and extendable and top_edge_wins(tried):
+                    extendable = False
+                    grid.append(lr * GRID_STEP)  # the grid did not bracket the best lr: one more point above
+            best_lr = chosen[arm] = min(tried, key=lambda lr: (tried[lr].dev_loss, lr))  # smaller lr on ties
+            grid_notes.append(f"{arm}: " + ", ".join(f"lr {lr:g} → dev loss {r.dev_loss:.4f} ({r.dev:.1f}%)"
+                                                     for lr, r in tried.items())
+                              + (f" (chosen {best_lr:g})" if len(tried) > 1 else " (fixed)" if arm in fixed else
                                  " (its NF4 twin's)" if twin in chosen and twin != arm else ""))
             runs = {seeds[0]: tried[best_lr]}
             for seed in seeds[1:]:
                 runs[seed] = train_once(base, tokenizer, train_all, test, arm, seed, best_lr, setting, mask_path)
-                progress(f"{arm} lr {best_lr:g} seed {seed}: dev {runs[seed].dev:.1f}%, test {runs[seed].test:.1f}%")
+                progress(f"{arm} lr {best_lr:g} seed {seed}: dev loss {runs[seed].dev_loss:.4f}, dev "
+                         f"{runs[seed].dev:.1f}% (step {runs[seed].best_step}), test {runs[seed].test:.1f}%")
             for seed, r in runs.items():
-                rows.append({"arm": arm, "seed": seed, "dev_rank": r.dev, "test_rank": r.test,
+                rows.append({"arm": arm, "seed": seed, "dev_rank": r.dev, "test_rank": r.test, "dev_loss": r.dev_loss,
                              "best_step": r.best_step, "lr": best_lr, "step_s": round(r.step_s, 4),
                              "trainable": r.trainable})
                 curves.setdefault(arm, []).extend(
@@ -226,12 +255,13 @@ def notes_for(setting: Setting, grid_notes: list[str], rows: list[dict]) -> list
     mezo_steps = [r["step_s"] for r in rows if r["arm"] == MEZO and r["step_s"]]
     sens_steps = [r["step_s"] for r in rows if r["arm"] == f"{SENSITIVE} {NF4_TAG}" and r["step_s"]]
     notes = [f"{setting.steps} ZO steps of {setting.batch_size} questions (×4 candidates) per run, constant lr, "
-             f"ε 1e-3; dev ranking accuracy every {setting.eval_every} steps on {setting.dev} held-out training "
-             "records, best-dev values restored (best_step 0 = no step beat the untouched model on dev). The paper "
-             "trains 20k steps of batch 16: this is a miniature.",
-             "lr grid on the first seed, chosen by dev accuracy: " + "; ".join(grid_notes),
+             f"ε 1e-3; dev choice loss every {setting.eval_every} steps on {setting.dev} held-out training "
+             "records, the values of the lowest dev loss restored (best_step 0 = no step beat the untouched model on "
+             "dev loss). The paper trains 20k steps of batch 16: this is a miniature.",
+             "lr grid on the first seed, chosen by dev loss: " + "; ".join(grid_notes),
              "dev_rank / test_rank: candidate-ranking accuracy in percent (the metric the choice objective "
-             "optimises); step_s: training seconds per step without the dev evaluations."]
+             "optimises); dev_loss: the choice objective's mean cross-entropy on dev at the restored values; "
+             "step_s: training seconds per step without the dev evaluations."]
     if mezo_steps and sens_steps:
         notes.append(f"seconds per step: sensitive NF4 {statistics.fmean(sens_steps):.3f}, MeZO "
                      f"{statistics.fmean(mezo_steps):.3f} (this CPU, shared with other jobs: wall-clock figures are "
