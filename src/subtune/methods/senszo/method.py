@@ -36,8 +36,9 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
     layer_class = DenseAndSparseLinear
     paper = "SensZOQ (Guo et al., ICLR 2025, arXiv 2406.02913)"
     # SPSA's variance grows with the number of perturbed values (k here, every weight for MeZO), so the sparse
-    # method tolerates a larger lr than MeZO
-    default_lr = 1e-5
+    # method tolerates a larger lr than MeZO. 1e-1: the lr `subtune repro senszo` chose on dev loss for the embedded
+    # model (1e-3 and 1e-2 barely moved it, 1 diverged; docs/DEFAULTS.md); far smaller for 7B-scale models
+    default_lr = 1e-1
     own_base_floor = True  # the bench compares its step with inference on the same (4-bit) base
     # not in the default demo: ZO needs thousands of steps to move accuracy (`subtune repro senszo` measures it)
     demo = None
@@ -111,7 +112,8 @@ class MeZOMethod(ZerothOrderMixin, FullMethod):
     id = "mezo"
     config_class = MeZOConfig
     paper = "MeZO (Malladi et al., NeurIPS 2023, arXiv 2305.17333)"
-    default_lr = 1e-6
+    default_lr = 1e-3  # chosen on dev loss for the embedded model by `subtune repro senszo`; the paper's 1e-6..1e-7
+    # is for 13B-scale models (docs/DEFAULTS.md)
     exact_restore = False  # a copy of every weight would double memory; z is regenerated instead
     bench_reference = None  # full fine-tuning is the reference, not MeZO
     demo = None  # as SensZOQ: `subtune repro senszo` measures it
