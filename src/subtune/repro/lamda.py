@@ -7,7 +7,7 @@ Experiment (embedded 3.7M LLaMA, task `commonsense`):
   `config_for_budget` at LoRA r=16's budget: same rank, same targets; LaMDA++ with its demo rank bounds 8..64);
 - B ablation at rank 16: the default gradual freezing (one component of B every T_f/r steps, fully frozen at
   30% of training), B never frozen (trains throughout), B frozen from the first step (only S trains);
-- each arm trains 24 steps of batch 8 at its method's `demo` learning rate (LaMDA 2e-2, LoRA 5e-3), final weights,
+- each arm trains 100 steps of batch 8 at its method's `demo` learning rate (LaMDA 2e-2, LoRA 5e-3), final weights,
   seeds 0..N-1; accuracy on the first 60 test questions by generation, plus the reference answers' loss;
 - trainable values: `trainable_start` (what the optimizer trains at step 0: S and B for LaMDA) and `trainable`
   (at the end: S only once B is frozen).
@@ -31,7 +31,7 @@ from subtune.repro.common import Arm, Setting, budget_config, demo_lr, demo_over
     parity_verdict, pick_setting, run_arms, zero_shot_row
 from subtune.repro.smt import per_rank_values
 
-FULL = Setting(steps=24, batch_size=8, test_limit=60)
+FULL = Setting(steps=100, batch_size=8, test_limit=60)
 QUICK = Setting(steps=10, batch_size=8, test_limit=40, corpus_windows=8)
 RANK = 16
 LORA_RANKS = (16, 1)
