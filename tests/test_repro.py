@@ -151,12 +151,12 @@ def test_quick_and_smoke_settings(monkeypatch):
 def test_senszo_lr_grid_is_extended_only_when_its_largest_lr_wins_on_dev():
     from subtune.repro.senszo import top_edge_wins
 
-    def runs(devs):
-        return {lr: type("Run", (), {"dev": dev})() for lr, dev in devs.items()}
+    def runs(dev_losses):
+        return {lr: type("Run", (), {"dev_loss": loss})() for lr, loss in dev_losses.items()}
 
-    assert top_edge_wins(runs({1e-3: 60.0, 1e-2: 61.0, 1e-1: 70.0}))
-    assert not top_edge_wins(runs({1e-3: 60.0, 1e-2: 75.0, 1e-1: 70.0}))  # bracketed
-    assert not top_edge_wins(runs({1e-3: 63.3, 1e-2: 63.3, 1e-1: 63.3}))  # nothing moved: no reason to go higher
+    assert top_edge_wins(runs({1e-3: 0.98, 1e-2: 0.97, 1e-1: 0.75}))
+    assert not top_edge_wins(runs({1e-3: 0.98, 1e-2: 0.75, 1e-1: 0.90}))  # bracketed
+    assert not top_edge_wins(runs({1e-3: 0.976, 1e-2: 0.976, 1e-1: 0.976}))  # a tie: no reason to go higher
 
 
 # ------------------------------------------------------------------------------------------------ end to end
