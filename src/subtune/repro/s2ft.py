@@ -7,7 +7,7 @@ Experiment (embedded 3.7M LLaMA, task `commonsense`, 4-way questions about the s
   every data- or weight-driven strategy of the paper's Table 4 (weight, activation, gradient; Large and Small), and
   LoRA (the rank of that budget on q, k, v, up, down); plus full fine-tuning (every weight) as the forgetting
   reference;
-- each arm trains 40 steps of batch 8 at its method's `demo` learning rate (tuned on this task; S²FT 2e-2, LoRA 5e-3,
+- each arm trains 80 steps of batch 8 at its method's `demo` learning rate (tuned on this task; S²FT 2e-2, LoRA 5e-3,
   full 3e-4), final weights, seeds 0..N-1 (the seed draws the selection, the init and the data order);
 - accuracy: the first 100 test questions by greedy generation and answer extraction;
 - forgetting: the rise of the mean next-token loss on 16 windows of 256 tokens of held-out pretraining-style text
@@ -29,7 +29,7 @@ from subtune.repro import Claim, ClaimResult, Verdict, arm_values, seed_spread_v
 from subtune.repro.common import Arm, Setting, budget_config, demo_lr, load_context, pick_setting, run_arms, \
     zero_shot_row
 
-FULL = Setting(steps=40, batch_size=8, test_limit=100)
+FULL = Setting(steps=80, batch_size=8, test_limit=100)
 QUICK = Setting(steps=10, batch_size=8, test_limit=40, corpus_windows=8)
 BUDGET_FRACTION = 0.05
 STRATEGIES = [("weight", "large"), ("weight", "small"), ("activation", "large"), ("activation", "small"),
