@@ -26,7 +26,18 @@ ARMS = (f"{SENSITIVE} {NF4_TAG}", f"{RANDOM} {NF4_TAG}", MEZO)
 
 
 def chosen_lrs(result_json: Path) -> tuple[tuple[str, float], ...]:
-    rows = json.loads(result_json.read_text())["rows"]
+    """The lrs a full `subtune repro senszo` run chose on dev, per arm of ARMS (a quick run chose nothing)."""
+    if not result_json.is_file():
+        raise SystemExit(f"{result_json} not found: run `subtune repro senszo --seeds 3 --out "
+                         f"{result_json.parent.parent}` first, or point --from at its --out directory")
+    try:
+        data = json.loads(result_json.read_text())
+        rows = data["rows"]
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"{result_json} is not a repro result ({err}); re-run `subtune repro senszo`") from err
+    if data.get("quick"):
+        raise SystemExit(f"{result_json} is from a --quick run, which uses one fixed lr and chooses nothing on dev; "
+                         "point --from at a full run's --out directory")
     lrs = {r["arm"]: r["lr"] for r in rows if r["arm"] in ARMS}
     missing = [arm for arm in ARMS if arm not in lrs]
     if missing:
@@ -36,10 +47,11 @@ def chosen_lrs(result_json: Path) -> tuple[tuple[str, float], ...]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--from", dest="source", default="docs/repro", help="directory holding senszo/result.json")
-    ap.add_argument("--out", default="docs/repro")
+    ap.add_argument("--steps", type=int, default=400, help="ZO steps per run (the full claim: 150)")
+    ap.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1")
+    ap.add_argument("--from", dest="source", default="docs/repro",
+                    help="the --out directory of a full `subtune repro senszo` run (holds senszo/result.json)")
+    ap.add_argument("--out", default="docs/repro", help="the report goes to OUT/senszo-longer/")
     args = ap.parse_args()
     if args.steps < 1 or args.seeds < 1:
         ap.error(f"--steps and --seeds must be at least 1 (got {args.steps} and {args.seeds})")
@@ -57,7 +69,8 @@ def main() -> None:
     start = time.perf_counter()
     result = claim.run(False, seeds, lambda message: print(f"[senszo-longer] {message}", flush=True))
     report.check_result(result)
-    command = f"python scripts/senszo_longer.py --steps {args.steps} --seeds {args.seeds} --out {args.out}"
+    command = (f"python scripts/senszo_longer.py --steps {args.steps} --seeds {args.seeds} --from {args.source} "
+               f"--out {args.out}")
     report.write_report(claim, result, target, command=command, seeds=seeds, quick=False,
                         wall_seconds=time.perf_counter() - start)
     print((target / "report.md").read_text())
