@@ -452,7 +452,7 @@ def eval_cmd(adapter, model_name, task, split, limit, batch_size, max_new_tokens
 @click.option("--task", default="commonsense", show_default=True)
 @click.option("--methods", "method_list", default=None, help="comma-separated [every method]")
 @click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True,
-              help="optimizer steps (ZO methods: 3×)")
+              help="optimizer steps per method")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True, help="test records to evaluate")
 @click.option("--output", default="runs/demo", show_default=True)
 @_fail_cleanly

@@ -27,7 +27,7 @@ def demo_methods() -> dict[str, dict[str, Any]]:
 
     The settings live with each method: learning rates from a short sweep on the embedded commonsense task (full FT
     needs far less than adapters; LaMDA's orthonormal projections and S²FT's slices more), budgets of the order of
-    LoRA r=16 (5.5% of the model). The zeroth-order methods have none: they need thousands of steps to move accuracy
+    LoRA r=16 (5.5% of the model). The zeroth-order methods have none: they need hundreds of ZO steps to move accuracy
     (`demo_left_out`; `subtune repro senszo` measures them).
     """
     return {m.id: copy.deepcopy(m.demo) for m in registered_methods() if m.demo is not None}
@@ -139,6 +139,12 @@ def finetune(model, tokenizer, config: MethodConfig, train_records: list[dict], 
         runs.remove_checkpoints(partial + ([p for _, p in runs.checkpoints(output_dir)] if overwrite else []))
     distributed.barrier()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    best = getattr(trainer, "best_dev", None)
+    if best is not None and train_kwargs.get("progress", True) and distributed.is_main_process():
+        point = best.best
+        print(f"best dev choice loss {point['dev_choice_loss']:.4f} (ranking accuracy "
+              f"{100 * point['dev_ranking_accuracy']:.1f}%) at step {point['step']} of {trainer.state.global_step}: "
+              "those values are restored and saved" + (" (the untouched model)" if point["step"] == 0 else ""))
     api.save(model, output_dir / "adapter", overwrite=overwrite)
     return model, trainer
 
@@ -217,7 +223,7 @@ def _drop_note(before: EvalResult, after: EvalResult, state) -> str:
 
 
 def demo_left_out() -> list[str]:
-    """The zeroth-order methods the default demo leaves out (no `demo` settings): they need thousands of steps to
+    """The zeroth-order methods the default demo leaves out (no `demo` settings): they need hundreds of ZO steps to
     move accuracy, far beyond the demo's minutes; `subtune repro senszo` measures them."""
     return [m.id for m in registered_methods() if m.zeroth_order and m.demo is None]
 
@@ -237,7 +243,7 @@ def format_demo_table(task: str, rows: list[DemoRow]) -> str:
         lines.append(cells + f" {r.perplexity:.2f} | {r.seconds:.0f} | {r.note} |")
     left_out = [m for m in demo_left_out() if m not in {r.method for r in rows}]
     if left_out:
-        lines.append(f"\nNot in this table: {', '.join(left_out)} (zeroth-order: thousands of steps to move "
+        lines.append(f"\nNot in this table: {', '.join(left_out)} (zeroth-order: hundreds of ZO steps to move "
                      "accuracy on this model, beyond the demo's minutes). `subtune repro senszo` trains them on the "
                      "choice objective with best-dev selection and reports candidate-ranking accuracy with seeds; "
                      "`subtune demo --methods <id>` runs one here anyway.")

@@ -40,7 +40,7 @@ class SensZOMethod(ZerothOrderMixin, LayerMethod):
     # model (1e-3 and 1e-2 barely moved it, 1 diverged; docs/DEFAULTS.md); far smaller for 7B-scale models
     default_lr = 1e-1
     own_base_floor = True  # the bench compares its step with inference on the same (4-bit) base
-    # not in the default demo: ZO needs thousands of steps to move accuracy (`subtune repro senszo` measures it)
+    # not in the default demo: ZO needs hundreds of steps to move accuracy (`subtune repro senszo` measures it)
     demo = None
 
     def calibration_batches(self, config: SensZOConfig) -> int:
